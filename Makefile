@@ -1,0 +1,29 @@
+# Setup on a fresh machine: `make test` / `make demo` create .venv/ when it is missing.
+# torch is installed first, pinned (here both wheels lie on local disk); the project's own ranges then admit it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]' $(TORCH_PINS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check indexer search api tests benchmarks
+	$(VENV)/bin/mypy
+
+demo: $(STAMP)
+	$(PY) -m indexer.demo
+
+clean-venv:
+	rm -rf $(VENV)

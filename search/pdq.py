@@ -1,0 +1,199 @@
+"""PDQ perceptual hashes: computing them, parsing imported hash lists, and Hamming matching over a FAISS index."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pdqhash
+from PIL import Image
+
+from search.errors import InvalidArgument
+
+PDQ_BITS = 256
+PDQ_BYTES = PDQ_BITS // 8
+PDQ_HEX_DIGITS = PDQ_BITS // 4
+#: ThreatExchange convention: two PDQ hashes match when their Hamming distance is <= 31.
+DEFAULT_MAX_DISTANCE = 31
+
+_HEX_RE = re.compile(r"[0-9a-fA-F]+")
+
+
+def compute_pdq(image: Image.Image) -> tuple[str, int]:
+    """Return (hex, quality) of an image's PDQ hash.
+
+    The hex is the 256-bit vector of ``pdqhash.compute`` read as one big-endian number (element 0 is the most
+    significant bit), 64 lowercase hex digits, exactly as python-threatexchange writes PDQ hashes. Quality is PDQ's
+    0-100 score; ThreatExchange treats hashes below 50 as too featureless to match on.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # pdqhash wants an HxWx3 8-bit array; it converts to luma with numpy and then reads the luma buffer as C-ordered,
+    # so a Fortran-ordered input would silently produce a wrong hash: force a C-contiguous uint8 array.
+    pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    bits, quality = pdqhash.compute(pixels)
+    packed = np.packbits(np.asarray(bits, dtype=np.uint8))
+    return packed.tobytes().hex(), int(quality)
+
+
+def _check_hex(h: str) -> str:
+    """Return the stripped hex text of a PDQ hash, or raise ValueError saying what is wrong with it."""
+    if not isinstance(h, str):
+        raise ValueError(f"a PDQ hash must be a string of {PDQ_HEX_DIGITS} hex digits, got {type(h).__name__}")
+    s = h.strip()
+    if not _HEX_RE.fullmatch(s):
+        shown = s if len(s) <= 80 else s[:77] + "..."
+        raise ValueError(f"not a PDQ hash: {shown!r} contains characters other than hex digits 0-9a-f")
+    if len(s) != PDQ_HEX_DIGITS:
+        raise ValueError(f"not a PDQ hash: expected {PDQ_HEX_DIGITS} hex digits, got {len(s)}")
+    return s
+
+
+def hex_to_bytes(h: str) -> bytes:
+    """The 32 bytes of a PDQ hash given as 64 hex digits (any case, surrounding whitespace ignored); ValueError else."""
+    return bytes.fromhex(_check_hex(h))
+
+
+def normalize_hex(h: str) -> str:
+    """A validated PDQ hash as 64 lowercase hex digits; ValueError if it is not one."""
+    return _check_hex(h).lower()
+
+
+def hamming(a: str, b: str) -> int:
+    """Hamming distance (number of differing bits) between two PDQ hashes given as hex."""
+    x = int.from_bytes(hex_to_bytes(a), "big") ^ int.from_bytes(hex_to_bytes(b), "big")
+    return bin(x).count("1")
+
+
+@dataclass
+class HashListParse:
+    """The result of reading a hash list: the good hashes and the lines that were not."""
+
+    #: (1-based line number, normalized hex), first occurrence of each hash only, in file order
+    hashes: list[tuple[int, str]] = field(default_factory=list)
+    #: (1-based line number, the line's text, why it was rejected)
+    bad_lines: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _is_skipped(line: str) -> bool:
+    s = line.strip()
+    return not s or s.startswith("#")
+
+
+def _csv_fields(line: str) -> list[str]:
+    return next(csv.reader([line]), [])
+
+
+def _hash_column(line: str) -> int | None:
+    """The index of the `hash` column if `line` is a CSV header that has one, else None."""
+    names = [name.strip().lower() for name in _csv_fields(line)]
+    return names.index("hash") if "hash" in names else None
+
+
+def parse_hash_list(path: str | os.PathLike[str]) -> HashListParse:
+    """Read a list of PDQ hashes: one hex hash per line, or a CSV whose header row has a `hash` column.
+
+    Blank lines and lines starting with '#' are skipped. Lines that do not hold a valid hash are reported in
+    ``bad_lines`` rather than raised; a hash repeated in the file is kept once (its first line). A file that cannot
+    be read or is not UTF-8 raises InvalidArgument.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"hash list {name}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise InvalidArgument(f"hash list {name}: cannot be read ({e.strerror or e})") from e
+
+    result = HashListParse()
+    seen: set[str] = set()
+    lines = text.splitlines()
+    column: int | None = None
+    header_line = 0
+    for number, line in enumerate(lines, start=1):
+        if not _is_skipped(line):
+            column = _hash_column(line)
+            header_line = number if column is not None else 0
+            break
+
+    for number, line in enumerate(lines, start=1):
+        if number == header_line or _is_skipped(line):
+            continue
+        if column is None:
+            candidate = line
+        else:
+            try:
+                fields = _csv_fields(line)
+            except csv.Error as e:
+                result.bad_lines.append((number, line, f"not a valid CSV row: {e}"))
+                continue
+            if column >= len(fields):
+                result.bad_lines.append((number, line, f"row has {len(fields)} column(s), no `hash` column"))
+                continue
+            candidate = fields[column]
+        try:
+            h = normalize_hex(candidate)
+        except ValueError as e:
+            result.bad_lines.append((number, line, str(e)))
+            continue
+        if h not in seen:
+            seen.add(h)
+            result.hashes.append((number, h))
+    return result
+
+
+def _hexes_to_array(hexes: Sequence[str]) -> np.ndarray:
+    """An (n, 32) uint8 array of PDQ hashes, the layout FAISS binary indexes take (first byte = highest bits)."""
+    if len(hexes) == 0:
+        return np.zeros((0, PDQ_BYTES), dtype=np.uint8)
+    return np.frombuffer(b"".join(hex_to_bytes(h) for h in hexes), dtype=np.uint8).reshape(len(hexes), PDQ_BYTES)
+
+
+class HashMatcher:
+    """FAISS binary index (``IndexBinaryFlat(256)``, exact) over PDQ hashes, each stored with a caller's integer id."""
+
+    def __init__(self) -> None:
+        self._index = faiss.IndexBinaryFlat(PDQ_BITS)
+        #: faiss row -> caller id
+        self._ids = np.zeros(0, dtype=np.int64)
+
+    def add(self, ids: Sequence[int], hexes: Sequence[str]) -> None:
+        """Store hashes under the given ids (e.g. SQLite ids); ids and hashes may repeat. ValueError on a bad hash."""
+        if len(ids) != len(hexes):
+            raise ValueError(f"add: {len(ids)} ids but {len(hexes)} hashes")
+        if len(hexes) == 0:
+            return
+        vectors = _hexes_to_array(hexes)  # validates every hash before anything is added
+        new_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self._index.add(vectors)
+        self._ids = np.concatenate([self._ids, new_ids])
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def match(self, hexes: Sequence[str], max_distance: int = DEFAULT_MAX_DISTANCE) -> list[list[tuple[int, int]]]:
+        """For each query hash, (id, distance) of every stored hash within ``max_distance`` bits (inclusive).
+
+        Each list is sorted by distance, then id.
+        """
+        if isinstance(max_distance, bool) or not isinstance(max_distance, (int, np.integer)):
+            raise InvalidArgument(f"max_distance must be an integer, got {max_distance!r}")
+        if not 0 <= max_distance <= PDQ_BITS:
+            raise InvalidArgument(f"max_distance must be between 0 and {PDQ_BITS}, got {max_distance}")
+        queries = _hexes_to_array(hexes)
+        if len(queries) == 0 or len(self) == 0:
+            return [[] for _ in range(len(queries))]
+        # FAISS binary range_search keeps distances strictly below the radius.
+        lims, distances, rows = self._index.range_search(queries, int(max_distance) + 1)
+        out: list[list[tuple[int, int]]] = []
+        for q in range(len(queries)):
+            lo, hi = int(lims[q]), int(lims[q + 1])
+            found = [(int(self._ids[r]), int(d)) for r, d in zip(rows[lo:hi], distances[lo:hi], strict=True)]
+            found.sort(key=lambda pair: (pair[1], pair[0]))
+            out.append(found)
+        return out

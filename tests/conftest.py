@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny EVA-02 checkpoint in exactly the Freepik layout, and generated images."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ARCH = "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k"
+# The real architecture name, shrunk through config.json's `model_args` (honoured by transformers and by us).
+SMALL_MODEL_ARGS = {"img_size": 56, "embed_dim": 64, "depth": 2, "num_heads": 2}
+LABELS = ["neutral", "low", "medium", "high"]
+
+
+def make_checkpoint(directory: Path, *, layout: str = "prefixed", seed: int = 0, num_classes: int = 4) -> Path:
+    """Write config.json + model.safetensors with transformers' TimmWrapperForImageClassification.save_pretrained.
+
+    layout "prefixed": keys `timm_model.*` as transformers 5 writes them; "bare": plain timm keys as 4.x wrote them.
+    """
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    pretrained_cfg = dict(timm.models.get_pretrained_cfg(ARCH).to_dict())
+    pretrained_cfg.pop("num_classes", None)
+    pretrained_cfg["input_size"] = (3, SMALL_MODEL_ARGS["img_size"], SMALL_MODEL_ARGS["img_size"])
+    config = TimmWrapperConfig(
+        architecture=ARCH,
+        num_labels=num_classes,
+        label_names=(LABELS if num_classes == 4 else [f"c{i}" for i in range(num_classes)]),
+        pretrained_cfg=pretrained_cfg,
+        model_args=SMALL_MODEL_ARGS,
+    )
+    torch.manual_seed(seed)
+    model = TimmWrapperForImageClassification(config)
+    with torch.no_grad():  # a head with real spread, so that images get different levels
+        model.timm_model.head.weight.normal_(0.0, 0.5)
+        model.timm_model.head.bias.normal_(0.0, 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    weights = directory / "model.safetensors"
+    state = load_file(weights)
+    assert all(k.startswith("timm_model.") for k in state), "transformers changed its key layout"
+    if layout == "bare":
+        save_file({k[len("timm_model.") :]: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+    elif layout != "prefixed":
+        raise ValueError(layout)
+    json.loads((directory / "config.json").read_text())  # written and readable
+    return directory
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight EVA-02 in the transformers-5 (prefixed) Freepik layout. A test fixture, never a default."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "prefixed")
+
+
+@pytest.fixture(scope="session")
+def bare_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "bare", layout="bare")
+
+
+def photo(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:
+    """A synthetic 'photo': smooth random colour field plus shapes, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy, ph = rng.uniform(0.02, 0.25), rng.uniform(0.02, 0.25), rng.uniform(0, 6.28)
+        img[..., c] = 127 + 120 * np.sin(fx * xx + ph) * np.cos(fy * yy + ph * c)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, w - 10), rng.integers(0, h - 10)
+        img[y0 : y0 + rng.integers(5, 30), x0 : x0 + rng.integers(5, 30)] = rng.integers(0, 255, 3)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture
+def images_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(6):
+        photo(i).save(d / f"img{i}.png")
+    return d
