@@ -277,6 +277,219 @@ def export(store: Path | None, out: Path, no_embeddings: bool) -> None:
     click.echo(f"wrote {n} images to {out}", err=True)
 
 
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@store_option
+@model_options
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=None, help="Nearest known-unsafe images (default 10).")
+@click.option("--source", "sources", multiple=True, type=click.Choice(["human", "hash_list", "model"]),
+              help="Only known-unsafe neighbours from these sources (repeatable).")
+@click.option("--min-similarity", type=click.FloatRange(-1, 1), default=None,
+              help="Only known-unsafe neighbours at least this similar.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+              help="Near-duplicate cosine similarity threshold (default 0.90).")
+@click.option("--pdq-max-distance", type=click.IntRange(0, 256), default=None,
+              help="PDQ Hamming distance that counts as a match (default 31).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
+@handle_errors
+def query(images: tuple[Path, ...], k: int | None, sources: tuple[str, ...], min_similarity: float | None,
+          threshold: float | None, as_json: bool, **flags: Any) -> None:
+    """Score images and find their nearest known-unsafe images, near-duplicates and PDQ matches in a store.
+
+    \b
+    Example:
+      nsfw-index query upload.jpg --store ./store -k 5 --source human --json
+    Exit status 1 if any image failed (its line has `path` and `error`).
+    """
+    from indexer.analyze import analyze, query_answer
+    from indexer.extractor import Extractor
+    from search.query import Searcher
+
+    settings = settings_from(**flags, k=k, near_duplicate_threshold=threshold)
+    searcher = Searcher(require_store(settings), settings)
+    try:
+        ex = Extractor.from_settings(settings)
+        _check_query_model(searcher, ex)
+        failed = 0
+        paths = list(images)
+        for i in range(0, len(paths), settings.batch_size):
+            chunk = paths[i : i + settings.batch_size]
+            items = []
+            for p in chunk:
+                try:
+                    from indexer.decode import read_image_file
+
+                    data, _ = read_image_file(p, max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels)
+                    items.append((str(p), data))
+                except NsfwIndexError as e:
+                    items.append((str(p), e))  # type: ignore[arg-type]
+            good = [(n, d) for n, d in items if isinstance(d, bytes)]
+            analysed = iter(analyze(ex, good, settings))
+            for name, d in items:
+                a = d if not isinstance(d, bytes) else next(analysed)
+                if isinstance(a, NsfwIndexError):
+                    failed += 1
+                    row: dict[str, Any] = {"path": name, "error": str(a)}
+                else:
+                    row = {"path": name, **query_answer(a, searcher, k=settings.k, sources=list(sources) or None,
+                                                        min_similarity=min_similarity)}
+                if as_json:
+                    _emit(row)
+                else:
+                    _print_query(row)
+    finally:
+        searcher.close()
+    if failed:
+        sys.exit(EXIT_FAILED_ITEMS)
+
+
+def _check_query_model(searcher: Any, ex: Any) -> None:
+    from search.errors import ModelMismatch
+
+    stored = searcher.store.model_identity()
+    if stored and stored.get("weights_sha256") != ex.identity.weights_sha256:
+        raise ModelMismatch(
+            f"the store was built with weights {str(stored.get('weights_sha256'))[:12]}…, the model in use has "
+            f"{ex.identity.weights_sha256[:12]}…: similarities across models mean nothing. Use the store's --model."
+        )
+
+
+def _print_query(row: dict[str, Any]) -> None:
+    if "error" in row:
+        click.echo(f"{row['path']}: error: {row['error']}")
+        return
+    n = row["nsfw"]
+    click.echo(f"{row['path']}: {n['level']} (medium {n['scores']['medium']:.3f}, high {n['scores']['high']:.3f})"
+               f"{' NSFW' if n['is_nsfw'] else ''}" + (f"  [indexed as id {row['indexed_id']}]"
+                                                      if row.get("indexed_id") else ""))
+    for nb in row["nearest_unsafe"]:
+        click.echo(f"  unsafe  id {nb['id']:>7}  sim {nb['similarity']:.3f}  {nb['level']:<7} "
+                   f"{'+'.join(nb['sources']):<22} {nb['paths'][0] if nb['paths'] else ''}")
+    for nb in row["near_duplicates"]:
+        click.echo(f"  near-dup id {nb['id']:>6}  sim {nb['similarity']:.3f}")
+    pdq = row["pdq"]
+    click.echo(f"  pdq {pdq['hash']} quality {pdq['quality']}, {len(pdq['matches'])} match(es)")
+    for m in pdq["matches"]:
+        what = f"list {m['list']}" if m["source"] == "hash_list" else f"labelled id {m['id']}"
+        click.echo(f"    pdq match: {what} distance {m['distance']}")
+
+
+@cli.command()
+@click.argument("refs", nargs=-1)
+@store_option
+@click.option("--unsafe", "label", flag_value="unsafe", help="Mark as known-unsafe.")
+@click.option("--safe", "label", flag_value="safe", help="Mark as safe (overrides the model and hash lists).")
+@click.option("--clear", "label", flag_value="clear", help="Withdraw the human label.")
+@click.option("--reason", default=None, help="Why (kept in the label log).")
+@click.option("--who", default=None, help="Who labels (default: the login name).")
+@click.option("--from-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV with a column id/sha256/path and optional label and reason columns.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per label event.")
+@handle_errors
+def label(refs: tuple[str, ...], store: Path | None, label: str | None, reason: str | None, who: str | None,
+          from_file: str | None, as_json: bool) -> None:
+    """Label images unsafe/safe (or clear the label) by id, path or sha256; appends to the label log.
+
+    \b
+    Example:
+      nsfw-index label --store ./store --unsafe 17 /data/x.jpg --reason "removed, ticket 123"
+    """
+    from search.labels import label_images
+
+    settings = settings_from(store=store)
+    if label is None and not from_file:
+        raise click.UsageError("say --unsafe, --safe or --clear")
+    events = label_images(require_store(settings), list(refs), label, settings, who=who, reason=reason,
+                          from_file=from_file)
+    for e in events:
+        if as_json:
+            _emit(e)
+        else:
+            click.echo(f"id {e['id']}: {e['label']} (event {e['event']})")
+
+
+@cli.command("import-hashes")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@store_option
+@click.option("--name", required=True, help="Name of the hash list (importing again adds to it).")
+@click.option("--replace", is_flag=True, help="Replace the list of that name instead of adding to it.")
+@click.option("--pdq-max-distance", type=click.IntRange(0, 256), default=None,
+              help="Hamming distance that counts as a match (default 31).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@handle_errors
+def import_hashes(file: str, store: Path | None, name: str, replace: bool, pdq_max_distance: int | None,
+                  as_json: bool) -> None:
+    """Import a PDQ hash list (one hex hash a line, or CSV with a `hash` column) and match the store against it.
+
+    \b
+    Example:
+      nsfw-index import-hashes removed.csv --name removed-2026 --store ./store
+    """
+    from search.labels import import_hash_list
+
+    settings = settings_from(store=store, pdq_max_distance=pdq_max_distance)
+    out = import_hash_list(require_store(settings), file, name, settings, replace=replace)
+    if as_json:
+        _emit(out)
+        return
+    click.echo(f"list {out['list']}: {out['hashes']} hashes ({out['imported']} in this file), "
+               f"{len(out['bad_lines'])} bad lines, {out['matched_images']} indexed images match", err=True)
+    for b in out["bad_lines"][:20]:
+        click.echo(f"  line {b['line']}: {b['reason']}: {b['text'][:80]}", err=True)
+
+
+@cli.command()
+@store_option
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+              help="Cosine similarity that links two images into one near-duplicate group (default 0.90).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(1), default=None,
+              help="Number of k-means clusters (default: about sqrt(N/2), at most 4096).")
+@click.option("--force", is_flag=True, help="Recompute even if nothing changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@handle_errors
+def cluster(store: Path | None, threshold: float | None, n_clusters: int | None, force: bool, as_json: bool) -> None:
+    """Compute near-duplicate groups and k-means clusters, flagging those that hold known-unsafe images.
+
+    \b
+    Example:
+      nsfw-index cluster --store ./store --threshold 0.92 --clusters 200
+    """
+    from search.clusters import run_clustering
+
+    settings = settings_from(store=store, near_duplicate_threshold=threshold)
+    out = run_clustering(require_store(settings), settings, threshold=threshold, n_clusters=n_clusters, force=force,
+                         log=lambda msg: click.echo(msg, err=True))
+    if as_json:
+        _emit(out)
+    else:
+        click.echo(f"{out['groups']} near-duplicate groups (threshold {out['threshold']}), {out['clusters']} clusters;"
+                   f" {out['flagged_groups']} groups and {out['flagged_clusters']} clusters hold known-unsafe images",
+                   err=True)
+
+
+@cli.command()
+@store_option
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
+@click.option("--api-keys", default=None,
+              help="KEY:right+right,... with rights read, write, label, read_paths. Env NSFW_INDEX_API_KEYS.")
+@click.option("--read-requires-key", is_flag=True, default=None, help="Close the read routes to callers without a key.")
+@handle_errors
+def serve(host: str, port: int, **flags: Any) -> None:
+    """Serve the HTTP API (FastAPI under uvicorn; OpenAPI at /openapi.json, routes under /v1).
+
+    \b
+    Example:
+      NSFW_INDEX_API_KEYS=s3cret:read+write+label nsfw-index serve --store ./store --port 8000
+    """
+    from api.server import run_server
+
+    settings = settings_from(**flags)
+    require_store(settings)
+    run_server(settings, host=host, port=port)
+
+
 def main() -> None:
     cli(prog_name="nsfw-index")
 

@@ -24,6 +24,7 @@ from indexer.decode import (
 )
 from indexer.extractor import Extractor
 from search.errors import InvalidImage
+from search.labels import list_matcher, stored_match_distance
 from search.pdq import HashMatcher, compute_pdq
 from search.settings import LEVELS, Settings
 from search.store import ImageRecord, Store
@@ -200,12 +201,7 @@ class Indexer:
             self.store._drop_orphans(conn)
 
     def _build_matcher(self) -> HashMatcher | None:
-        rows = self.store.db.execute("SELECT id, hash FROM list_hashes").fetchall()
-        if not rows:
-            return None
-        m = HashMatcher()
-        m.add([r[0] for r in rows], [r[1] for r in rows])
-        return m
+        return list_matcher(self.store)
 
     def _executor(self) -> Executor:
         n = self.settings.resolved_workers()
@@ -334,7 +330,7 @@ class Indexer:
                 self.summary.duplicate_paths += len(p.paths) - 1
         with self.timer.stage("write"):
             self.store.write_batch(self.summary.run_id, records, paths + self._take_dups(), self._take_errors(),
-                                   matcher=self._matcher, max_distance=self.settings.pdq_max_distance)
+                                   matcher=self._matcher, max_distance=stored_match_distance(self.settings))
         self._maybe_checkpoint_faiss()
 
     def _result(self, p: _Pending) -> Decoded | InvalidImage:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from indexer.analyze import Analysis
 from indexer.extractor import Extractor
 from indexer.pipeline import Indexer, RunSummary
+from search.labels import list_matcher, stored_match_distance
 from search.settings import Settings
 from search.store import Store
 from search.vectors import make_index
@@ -37,3 +39,29 @@ def index_inputs(store_dir: Path, inputs: list[str], settings: Settings, *, prun
             )
     finally:
         store.close()
+
+
+def add_image(store_dir: Path, ex: Extractor, settings: Settings, analysis: Analysis, *,
+              lock_timeout: float = 5.0, run_kind: str = "http-add") -> tuple[int, bool]:
+    """Add one analysed image (an upload) to the store, under the writer lock. Returns (id, created).
+
+    The upload's path is recorded as `upload://SHA256` (no client path is stored or shown). Committed to SQLite
+    before returning, so an acknowledged add survives a crash; the FAISS files catch up on the next open.
+    """
+    store = Store(store_dir, create=True)
+    try:
+        with store.writer_lock("nsfw-index add").acquire(timeout=lock_timeout):
+            store.check_model(ex.identity.as_dict())
+            existing = store.ids_by_sha([analysis.sha256])
+            if existing:
+                return existing[analysis.sha256], False
+            matcher = list_matcher(store)
+            run_id = store.begin_run(run_kind, {"sha256": analysis.sha256})
+            ids = store.write_batch(run_id, [analysis.record()],
+                                    [(f"upload://{analysis.sha256}", analysis.sha256, analysis.size, None)],
+                                    matcher=matcher, max_distance=stored_match_distance(settings))
+            store.finish_run(run_id, "done", {"new_images": 1}, {})
+            return ids[analysis.sha256], True
+    finally:
+        store.close()
+

@@ -1,0 +1,222 @@
+"""Answers from a store: nearest known-unsafe images, near-duplicates and PDQ matches for an embedding or an id."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from search.errors import InvalidArgument
+from search.pdq import HashMatcher
+from search.settings import Settings
+from search.store import SOURCES, Store
+from search.vectors import IndexFiles, Snapshot, set_search_params
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEAR_DUPLICATE_LIMIT = 100
+
+
+class Searcher:
+    """The read side of a store: FAISS snapshots kept in step with SQLite by `refresh()`. Thread-safe.
+
+    With `persist=True` (the caller holds the writer lock) catch-ups are written back to the FAISS files; readers
+    leave files alone and catch up in memory, so they never block or disturb a writer.
+    """
+
+    def __init__(self, store_dir: str | Path, settings: Settings, *, persist: bool = False) -> None:
+        self.settings = settings
+        self.store = Store(store_dir, readonly=not persist)
+        self.persist = persist
+        self.files = IndexFiles(self.store, settings)
+        self._lock = threading.RLock()
+        self._all: Snapshot | None = None
+        self._unsafe: Snapshot | None = None
+        self._unsafe_map: dict[int, list[str]] = {}
+        self._token: tuple[Any, ...] | None = None
+        self._lists: HashMatcher | None = None
+        self._list_rows: dict[int, tuple[str, str]] = {}
+        self._labelled: HashMatcher | None = None
+        self.loaded_at = 0.0
+        self.refresh()
+
+    # -- keeping up with the store -------------------------------------------------------------------------------------
+    def state_token(self) -> tuple[Any, ...]:
+        """Changes whenever anything the answers depend on changes in SQLite."""
+        db = self.store.db
+        return (
+            self.store.max_image_id(),
+            self.store.count_images(),
+            self.store.deletion_epoch(),
+            db.execute("SELECT COALESCE(MAX(id), 0) FROM labels").fetchone()[0],
+            db.execute("SELECT COUNT(*) FROM hash_matches").fetchone()[0],
+            db.execute("SELECT COALESCE(MAX(id), 0) FROM list_hashes").fetchone()[0],
+            str(self.store.get_info("index_factory", "Flat")),
+            tuple((n, (self.files.read_manifest(n) or {}).get("generation")) for n in ("all", "unsafe")),
+        )
+
+    def refresh(self, force: bool = False) -> bool:
+        """Catch up with SQLite and newer FAISS snapshots. Returns True when something changed."""
+        with self._lock:
+            if self.store.model_identity() is None:
+                self._token = None
+                return False
+            token = self.state_token()
+            if token == self._token and not force:
+                return False
+            gen_now = dict(token[-1])
+            if self._all is None or gen_now.get("all") != self._all.generation or token[2] != (self._token or (0,) * 3)[2]:
+                self._all = self.files.open_all(persist=self.persist)  # the newer snapshot, caught up
+            else:
+                self.files.catch_up_all(self._all)
+            set_search_params(self._all.index, self.settings)
+            self._unsafe_map = self.store.known_unsafe(self.settings)
+            snap = self._unsafe
+            if snap is None or gen_now.get("unsafe") != snap.generation:
+                snap = self.files.load("unsafe")
+            self._unsafe, added, removed = self.files.sync_unsafe(snap, set(self._unsafe_map))
+            if self.persist and (added or removed):
+                self.files.save(self._unsafe)
+            self._load_hash_matchers()
+            self._token = self.state_token() if self.persist else token
+            self.loaded_at = time.time()
+            return True
+
+    def _load_hash_matchers(self) -> None:
+        rows = self.store.db.execute(
+            "SELECT h.id, h.hash, l.name FROM list_hashes h JOIN hash_lists l ON l.id = h.list_id").fetchall()
+        self._lists = HashMatcher() if rows else None
+        if self._lists is not None:
+            self._lists.add([r[0] for r in rows], [r[1] for r in rows])
+        self._list_rows = {r[0]: (r[1], r[2]) for r in rows}
+        human = [i for i, s in self._unsafe_map.items() if "human" in s]
+        hashed = [(i, r["pdq"]["hash"]) for i, r in self.store.images(human).items() if r["pdq"]["hash"]]
+        self._labelled = HashMatcher() if hashed else None
+        if self._labelled is not None:
+            self._labelled.add([i for i, _ in hashed], [h for _, h in hashed])
+
+    @property
+    def ready(self) -> bool:
+        return self._all is not None
+
+    def index_info(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "images": int(self._all.index.ntotal) if self._all else 0,
+                "known_unsafe": int(self._unsafe.index.ntotal) if self._unsafe else 0,
+                "generation": self._all.generation if self._all else None,
+                "factory": self.files.factory_for("all"),
+                "loaded_at": self.loaded_at,
+            }
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- queries ----------------------------------------------------------------------------------------------------------
+    def nearest_unsafe(self, vec: np.ndarray, k: int | None = None, *, sources: Sequence[str] | None = None,
+                       min_similarity: float | None = None, exclude: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """The k nearest known-unsafe images (cosine), each with why it is known-unsafe."""
+        k = k or self.settings.k
+        if sources:
+            bad = set(sources) - set(SOURCES)
+            if bad:
+                raise InvalidArgument(f"unknown source(s) {sorted(bad)}; sources are {list(SOURCES)}")
+        with self._lock:
+            if self._unsafe is None or self._unsafe.index.ntotal == 0:
+                return []
+            allowed = [i for i, s in self._unsafe_map.items() if (not sources or set(s) & set(sources))
+                       and i not in set(exclude)]
+            if not allowed:
+                return []
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
+            kk = min(k, len(allowed))
+            sims, ids = self._unsafe.index.search(_as_query(vec), kk, params=params)
+            hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
+            if min_similarity is not None:
+                hits = [(i, s) for i, s in hits if s >= min_similarity]
+            rows = self.store.images([i for i, _ in hits])
+            paths = self.store.paths_of([i for i, _ in hits])
+            return [{"id": i, "similarity": s, "scores": rows[i]["scores"], "level": rows[i]["level"],
+                     "sources": self._unsafe_map.get(i, []), "paths": paths.get(i, [])}
+                    for i, s in hits if i in rows]
+
+    def near_duplicates(self, vec: np.ndarray, threshold: float | None = None, *,
+                        limit: int = DEFAULT_NEAR_DUPLICATE_LIMIT, exclude: Sequence[int] = ()) -> list[dict[str, Any]]:
+        """Images of the whole corpus with cosine similarity >= threshold, most similar first (at most `limit`)."""
+        t = self.settings.near_duplicate_threshold if threshold is None else threshold
+        with self._lock:
+            if self._all is None or self._all.index.ntotal == 0:
+                return []
+            q = _as_query(vec)
+            hits: list[tuple[int, float]]
+            try:
+                lims, sims, ids = self._all.index.range_search(q, float(np.nextafter(np.float32(t), -np.inf)))
+                hits = [(int(i), float(s)) for i, s in zip(ids[lims[0]:lims[1]], sims[lims[0]:lims[1]], strict=True)]
+            except RuntimeError:  # approximate indexes without range search: top-k, then the threshold
+                kk = min(self._all.index.ntotal, limit + len(exclude))
+                sims, ids = self._all.index.search(q, kk)
+                hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
+            skip = set(exclude)
+            hits = sorted(((i, s) for i, s in hits if s >= t and i not in skip), key=lambda h: (-h[1], h[0]))
+            return [{"id": i, "similarity": s} for i, s in hits[:limit]]
+
+    def pdq_matches(self, pdq_hash: str | None, max_distance: int | None = None) -> list[dict[str, Any]]:
+        """Imported hash-list entries and human-labelled unsafe images within the PDQ distance."""
+        if not pdq_hash:
+            return []
+        d = self.settings.pdq_max_distance if max_distance is None else max_distance
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            if self._lists is not None:
+                for hid, dist in self._lists.match([pdq_hash], d)[0]:
+                    h, name = self._list_rows[hid]
+                    out.append({"source": "hash_list", "list": name, "hash": h, "distance": dist})
+            if self._labelled is not None:
+                for image_id, dist in self._labelled.match([pdq_hash], d)[0]:
+                    out.append({"source": "human", "id": image_id, "distance": dist})
+        return sorted(out, key=lambda m: m["distance"])
+
+    def answer(self, embedding: np.ndarray, *, pdq: str | None, quality: int | None, k: int | None = None,
+               sources: Sequence[str] | None = None, min_similarity: float | None = None,
+               threshold: float | None = None, exclude: Sequence[int] = ()) -> dict[str, Any]:
+        """The `nearest_unsafe`, `near_duplicates` and `pdq` parts of a query answer."""
+        return {
+            "nearest_unsafe": self.nearest_unsafe(embedding, k, sources=sources, min_similarity=min_similarity,
+                                                  exclude=exclude),
+            "near_duplicates": self.near_duplicates(embedding, threshold, exclude=exclude),
+            "pdq": {"hash": pdq, "quality": quality, "matches": self.pdq_matches(pdq)},
+        }
+
+    def neighbours(self, image_id: int, *, k: int | None = None, sources: Sequence[str] | None = None,
+                   min_similarity: float | None = None, threshold: float | None = None) -> dict[str, Any]:
+        """The answer for an indexed image, without running the model: it leaves itself out."""
+        with self._lock:
+            row = self.store.image(image_id)
+            vec = self.store.vectors([image_id])[0]
+            paths = self.store.paths_of([image_id])[image_id]
+            ans = self.answer(vec, pdq=row["pdq"]["hash"], quality=row["pdq"]["quality"], k=k, sources=sources,
+                              min_similarity=min_similarity, threshold=threshold, exclude=[image_id])
+            ans["pdq"]["matches"] = [m for m in ans["pdq"]["matches"] if m.get("id") != image_id]
+            sources_now = self._unsafe_map.get(image_id, [])
+        return {
+            "id": image_id,
+            "nsfw": {"probabilities": row["probabilities"], "scores": row["scores"], "level": row["level"],
+                     "is_nsfw": row["scores"][self.settings.nsfw_level] >= self.settings.nsfw_threshold},
+            "known_unsafe_sources": sources_now,
+            "exact_duplicates": {"count": max(0, len(paths) - 1), "paths": paths},
+            **ans,
+        }
+
+
+def _as_query(vec: np.ndarray) -> np.ndarray:
+    q = np.asarray(vec, dtype=np.float32).reshape(1, -1)
+    n = np.linalg.norm(q)
+    if not np.isfinite(n) or n == 0:
+        raise InvalidArgument("query embedding must be a finite, non-zero vector")
+    return np.ascontiguousarray(q / n)
