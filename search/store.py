@@ -85,6 +85,30 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX hash_matches_list ON hash_matches(list_hash_id);
     """,
+    # 2: near-duplicate groups and k-means clusters (search/clusters.py). `clusterings` keeps one row per run;
+    # `clusters` and `cluster_members` hold only the latest result, replaced in one transaction. Cluster ids come
+    # from AUTOINCREMENT, so an id is never reused by a later run. No foreign key to images: a prune may delete
+    # members, which readers then leave out (the result is marked stale).
+    """
+    CREATE TABLE clusterings (
+        id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, run_id INTEGER,
+        threshold REAL NOT NULL, k INTEGER NOT NULL, k_requested INTEGER,
+        watermark INTEGER NOT NULL, images INTEGER NOT NULL, deletion_epoch INTEGER NOT NULL,
+        method TEXT NOT NULL, params TEXT NOT NULL, timings TEXT NOT NULL,
+        groups INTEGER NOT NULL, grouped_images INTEGER NOT NULL, clusters INTEGER NOT NULL
+    );
+    CREATE TABLE clusters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, clustering_id INTEGER NOT NULL REFERENCES clusterings(id),
+        kind TEXT NOT NULL CHECK (kind IN ('group', 'cluster')), size INTEGER NOT NULL, path_count INTEGER NOT NULL,
+        representative_id INTEGER NOT NULL, cohesion REAL NOT NULL, score_stats TEXT NOT NULL
+    );
+    CREATE INDEX clusters_kind_size ON clusters(kind, size DESC, id);
+    CREATE TABLE cluster_members (
+        cluster_id INTEGER NOT NULL REFERENCES clusters(id), image_id INTEGER NOT NULL, similarity REAL NOT NULL,
+        PRIMARY KEY (cluster_id, image_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX cluster_members_image ON cluster_members(image_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -211,13 +235,36 @@ class Store:
             )
         if version == SCHEMA_VERSION:
             return
-        if self.readonly:
-            raise StoreCorrupt(f"{self.db_path} needs migrations {version + 1}..{SCHEMA_VERSION}; open it once to write")
         conn = self.db.conn
+        if self.readonly:  # migrate through a short-lived writable connection, then keep reading read-only
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=30)
+            except sqlite3.Error as e:
+                raise StoreCorrupt(f"{self.db_path} needs schema migrations {version + 1}..{SCHEMA_VERSION} and "
+                                   f"cannot be opened for writing ({e}); run any writing verb once") from e
+        try:
+            self._apply(conn, version)
+        finally:
+            if conn is not self.db.conn:
+                conn.close()
+        if not self.readonly:
+            self.set_info("schema_version", SCHEMA_VERSION)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, version: int) -> None:
+        """Each migration and its version bump commit together; concurrent openers serialise on BEGIN IMMEDIATE
+        and skip what another process applied meanwhile."""
         for number in range(version + 1, SCHEMA_VERSION + 1):
-            with conn:  # each migration and its version bump commit together
-                conn.executescript("BEGIN;" + MIGRATIONS[number - 1] + f"; PRAGMA user_version = {number};")
-        self.set_info("schema_version", SCHEMA_VERSION)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("PRAGMA user_version").fetchone()[0] < number:
+                    for statement in _statements(MIGRATIONS[number - 1]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         self.db.conn.close()
@@ -606,6 +653,20 @@ class Store:
                 "SELECT name, count, imported_at FROM hash_lists ORDER BY id")],
             "schema_version": SCHEMA_VERSION,
         }
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into complete SQL statements (triggers keep their inner semicolons)."""
+    out, buf = [], ""
+    for part in script.split(";"):
+        buf += part + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n\t;"):
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip(" \n\t;"):
+        raise ValueError(f"incomplete SQL statement in a migration: {buf.strip()[:80]}")
+    return out
 
 
 def _below(path: str, roots: Sequence[str] | None) -> bool:

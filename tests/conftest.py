@@ -90,3 +90,51 @@ def images_dir(tmp_path: Path) -> Path:
     for i in range(6):
         photo(i).save(d / f"img{i}.png")
     return d
+
+
+@pytest.fixture(scope="session")
+def settings_for(checkpoint: Path):
+    """Settings for the tiny checkpoint: CPU, decode in-process (fast tests); override fields as keyword arguments."""
+    from search.settings import Settings
+
+    def make(**kw: object) -> Settings:
+        base: dict[str, object] = {"model": str(checkpoint), "device": "cpu", "workers": 0, "batch_size": 8}
+        base.update(kw)
+        return Settings(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def extractor(checkpoint: Path, settings_for):
+    from indexer.extractor import Extractor
+
+    return Extractor.from_settings(settings_for())
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120, check: bool = False):
+    """Run the real console script in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "nsfw-index"
+    full_env = {**os.environ, **(env or {})}
+    p = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"nsfw-index {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def save_family(img: Image.Image, d: Path, stem: str) -> list[Path]:
+    """The original plus near-duplicates a re-uploader makes: resized, re-encoded JPEG, slightly cropped."""
+    import io
+
+    d.mkdir(parents=True, exist_ok=True)
+    out = [d / f"{stem}.png", d / f"{stem}_small.png", d / f"{stem}_q70.jpg", d / f"{stem}_crop.png"]
+    img.save(out[0])
+    img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.BICUBIC).save(out[1])
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=70)
+    out[2].write_bytes(buf.getvalue())
+    img.crop((1, 1, img.width - 1, img.height - 1)).save(out[3])
+    return out
