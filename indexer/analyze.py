@@ -31,9 +31,16 @@ class Analysis:
     def record(self) -> ImageRecord:
         r = self.result
         return ImageRecord(
-            sha256=self.sha256, size=self.size, width=self.decoded.width, height=self.decoded.height,
-            format=self.decoded.format, probabilities=[r.probabilities[k] for k in LEVELS],
-            scores=[r.scores[k] for k in LEVELS], level=r.level, embedding=r.embedding, pdq=self.pdq,
+            sha256=self.sha256,
+            size=self.size,
+            width=self.decoded.width,
+            height=self.decoded.height,
+            format=self.decoded.format,
+            probabilities=[r.probabilities[k] for k in LEVELS],
+            scores=[r.scores[k] for k in LEVELS],
+            level=r.level,
+            embedding=r.embedding,
+            pdq=self.pdq,
             pdq_quality=self.pdq_quality,
         )
 
@@ -64,17 +71,37 @@ def analyze(ex: Extractor, items: Sequence[tuple[str, bytes]], settings: Setting
     return out
 
 
-def query_answer(a: Analysis, searcher: Searcher | None, *, k: int | None = None,
-                 sources: Sequence[str] | None = None, min_similarity: float | None = None,
-                 threshold: float | None = None) -> dict[str, Any]:
+def query_answer(
+    a: Analysis,
+    searcher: Searcher | None,
+    *,
+    k: int | None = None,
+    sources: Sequence[str] | None = None,
+    min_similarity: float | None = None,
+    threshold: float | None = None,
+) -> dict[str, Any]:
     """The answer `query --json` prints (without `path`) and `POST /v1/query` returns for one image."""
     ans: dict[str, Any] = {"nsfw": a.result.as_json(), "sha256": a.sha256}
     if searcher is None:
-        ans.update({"nearest_unsafe": [], "near_duplicates": [],
-                    "pdq": {"hash": a.pdq, "quality": a.pdq_quality, "matches": []}})
+        ans.update(
+            {
+                "nearest_unsafe": [],
+                "near_duplicates": [],
+                "pdq": {"hash": a.pdq, "quality": a.pdq_quality, "matches": []},
+            }
+        )
         return ans
-    ans.update(searcher.answer(a.result.embedding, pdq=a.pdq, quality=a.pdq_quality, k=k, sources=sources,
-                               min_similarity=min_similarity, threshold=threshold))
+    ans.update(
+        searcher.answer(
+            a.result.embedding,
+            pdq=a.pdq,
+            quality=a.pdq_quality,
+            k=k,
+            sources=sources,
+            min_similarity=min_similarity,
+            threshold=threshold,
+        )
+    )
     # content already in the store is its own exact duplicate: say so instead of listing it as a near-duplicate
     ids = searcher.store.ids_by_sha([a.sha256])
     ans["indexed_id"] = ids.get(a.sha256)

@@ -40,19 +40,34 @@ def handle_errors(fn: F) -> F:
 
 def model_options(fn: F) -> F:
     opts = [
-        click.option("--model", envvar="NSFW_INDEX_MODEL", default=None,
-                     help="Hugging Face repo id (default Freepik/nsfw_image_detector), a directory with config.json + "
-                          "model.safetensors, or a .safetensors file with --arch. Env NSFW_INDEX_MODEL."),
+        click.option(
+            "--model",
+            envvar="NSFW_INDEX_MODEL",
+            default=None,
+            help="Hugging Face repo id (default Freepik/nsfw_image_detector), a directory with config.json + "
+            "model.safetensors, or a .safetensors file with --arch. Env NSFW_INDEX_MODEL.",
+        ),
         click.option("--arch", default=None, help="timm architecture for a bare .safetensors file."),
         click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per forward pass."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available."),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
-                     help="Default: fp32 on cpu, bf16 on cuda."),
+        click.option(
+            "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available."
+        ),
+        click.option(
+            "--dtype", type=click.Choice(["fp32", "bf16"]), default=None, help="Default: fp32 on cpu, bf16 on cuda."
+        ),
         click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads."),
-        click.option("--nsfw-level", type=click.Choice(["low", "medium", "high"]), default=None,
-                     help="Score that decides is_nsfw (default medium)."),
-        click.option("--nsfw-threshold", type=click.FloatRange(0, 1), default=None,
-                     help="is_nsfw when the score at --nsfw-level reaches this (default 0.5)."),
+        click.option(
+            "--nsfw-level",
+            type=click.Choice(["low", "medium", "high"]),
+            default=None,
+            help="Score that decides is_nsfw (default medium).",
+        ),
+        click.option(
+            "--nsfw-threshold",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help="is_nsfw when the score at --nsfw-level reaches this (default 0.5).",
+        ),
         click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse images with more pixels."),
         click.option("--max-file-bytes", type=click.IntRange(1), default=None, help="Refuse larger files unread."),
     ]
@@ -63,7 +78,10 @@ def model_options(fn: F) -> F:
 
 def store_option(fn: F) -> F:
     return click.option(
-        "--store", envvar="NSFW_INDEX_STORE", type=click.Path(file_okay=False, path_type=Path), default=None,
+        "--store",
+        envvar="NSFW_INDEX_STORE",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
         help="Store directory. Env NSFW_INDEX_STORE.",
     )(fn)
 
@@ -132,29 +150,50 @@ def _print_score_table(rows: list[dict[str, Any]]) -> None:
             table.add_row(r["path"], "[red]error[/red]", "", r["error"], "", "", "")
             continue
         s = r["scores"]
-        table.add_row(r["path"], r["level"], "yes" if r["is_nsfw"] else "no",
-                      *(f"{s[k]:.3f}" for k in ("neutral", "low", "medium", "high")))
+        table.add_row(
+            r["path"],
+            r["level"],
+            "yes" if r["is_nsfw"] else "no",
+            *(f"{s[k]:.3f}" for k in ("neutral", "low", "medium", "high")),
+        )
     Console(soft_wrap=True).print(table)
-
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @store_option
 @model_options
-@click.option("--workers", type=click.IntRange(0), default=None,
-              help="Decode processes (default: cores - 1; 0 decodes in the main process).")
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=None,
+    help="Decode processes (default: cores - 1; 0 decodes in the main process).",
+)
 @click.option("--prune", is_flag=True, help="Drop recorded paths under the inputs that no longer exist.")
-@click.option("--rebuild", is_flag=True,
-              help="Re-embed everything with this model (a store built with other weights is refused otherwise).")
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Re-embed everything with this model (a store built with other weights is refused otherwise).",
+)
 @click.option("--all-files", is_flag=True, help="Try every file in directories, not only image extensions.")
-@click.option("--index-factory", default=None,
-              help="FAISS factory for the index over all images, e.g. Flat (default, exact), HNSW32, IVF4096,PQ64.")
+@click.option(
+    "--index-factory",
+    default=None,
+    help="FAISS factory for the index over all images, e.g. Flat (default, exact), HNSW32, IVF4096,PQ64.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
 @handle_errors
-def index(inputs: tuple[str, ...], prune: bool, rebuild: bool, all_files: bool, index_factory: str | None,
-          quiet: bool, as_json: bool, **flags: Any) -> None:
+def index(
+    inputs: tuple[str, ...],
+    prune: bool,
+    rebuild: bool,
+    all_files: bool,
+    index_factory: str | None,
+    quiet: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
     """Index images into a store: directories (recursive), files, @list.txt files and .tar shards.
 
     \b
@@ -167,8 +206,16 @@ def index(inputs: tuple[str, ...], prune: bool, rebuild: bool, all_files: bool, 
 
     settings = settings_from(**flags)
     store_dir = require_store(settings)
-    summary = index_inputs(store_dir, list(inputs), settings, prune=prune, rebuild=rebuild, all_files=all_files,
-                           index_factory=index_factory, progress=not quiet)
+    summary = index_inputs(
+        store_dir,
+        list(inputs),
+        settings,
+        prune=prune,
+        rebuild=rebuild,
+        all_files=all_files,
+        index_factory=index_factory,
+        progress=not quiet,
+    )
     if as_json:
         _emit({"run_id": summary.run_id, **summary.counts(), "timings": summary.timings})
     elif not quiet:
@@ -195,8 +242,12 @@ def require_store(settings: Settings) -> Path:
 @cli.command()
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-@click.option("--recall-sample", type=click.IntRange(0), default=200,
-              help="Queries used to measure recall@10 of an approximate index against exact search (0: skip).")
+@click.option(
+    "--recall-sample",
+    type=click.IntRange(0),
+    default=200,
+    help="Queries used to measure recall@10 of an approximate index against exact search (0: skip).",
+)
 @handle_errors
 def stats(store: Path | None, as_json: bool, recall_sample: int) -> None:
     """Counts, levels, known-unsafe, index freshness and the model identity of a store.
@@ -227,15 +278,19 @@ def _print_stats(d: dict[str, Any]) -> None:
         if not info.get("exists"):
             lines.append(f"index {name}: missing (run `nsfw-index rebuild`)")
         else:
-            lines.append(f"index {name}: {info['count']} vectors, {info['factory']}, generation {info['generation']}, "
-                         + ("fresh" if info["fresh"] else f"stale ({', '.join(info['stale_because']) or 'behind'})"))
+            lines.append(
+                f"index {name}: {info['count']} vectors, {info['factory']}, generation {info['generation']}, "
+                + ("fresh" if info["fresh"] else f"stale ({', '.join(info['stale_because']) or 'behind'})")
+            )
     if d.get("recall_at_10") is not None:
         lines.append(f"recall@10 of the approximate index vs exact: {d['recall_at_10']:.3f}")
     cl = d.get("clusters")
     if cl:
-        lines.append(f"clusters: {cl.get('clusters')} semantic, {cl.get('groups')} near-duplicate groups "
-                     f"(threshold {cl.get('threshold')}), {cl.get('flagged_clusters')} clusters and "
-                     f"{cl.get('flagged_groups')} groups flagged" + ("" if cl.get("fresh") else "; stale: re-run cluster"))
+        lines.append(
+            f"clusters: {cl.get('clusters')} semantic, {cl.get('groups')} near-duplicate groups "
+            f"(threshold {cl.get('threshold')}), {cl.get('flagged_clusters')} clusters and "
+            f"{cl.get('flagged_groups')} groups flagged" + ("" if cl.get("fresh") else "; stale: re-run cluster")
+        )
     click.echo("\n".join(lines))
 
 
@@ -254,13 +309,16 @@ def rebuild(store: Path | None, index_factory: str | None) -> None:
 
     settings = settings_from(store=store, index_factory=index_factory)
     counts = rebuild_indexes(require_store(settings), settings, index_factory=index_factory)
-    click.echo(f"rebuilt: {counts['all']} vectors in the index over all images, {counts['unsafe']} known-unsafe", err=True)
+    click.echo(
+        f"rebuilt: {counts['all']} vectors in the index over all images, {counts['unsafe']} known-unsafe", err=True
+    )
 
 
 @cli.command()
 @store_option
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Parquet file to write.")
+@click.option(
+    "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write."
+)
 @click.option("--no-embeddings", is_flag=True, help="Leave the embedding column out.")
 @handle_errors
 def export(store: Path | None, out: Path, no_embeddings: bool) -> None:
@@ -282,18 +340,42 @@ def export(store: Path | None, out: Path, no_embeddings: bool) -> None:
 @store_option
 @model_options
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=None, help="Nearest known-unsafe images (default 10).")
-@click.option("--source", "sources", multiple=True, type=click.Choice(["human", "hash_list", "model"]),
-              help="Only known-unsafe neighbours from these sources (repeatable).")
-@click.option("--min-similarity", type=click.FloatRange(-1, 1), default=None,
-              help="Only known-unsafe neighbours at least this similar.")
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help="Near-duplicate cosine similarity threshold (default 0.90).")
-@click.option("--pdq-max-distance", type=click.IntRange(0, 256), default=None,
-              help="PDQ Hamming distance that counts as a match (default 31).")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    type=click.Choice(["human", "hash_list", "model"]),
+    help="Only known-unsafe neighbours from these sources (repeatable).",
+)
+@click.option(
+    "--min-similarity",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Only known-unsafe neighbours at least this similar.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Near-duplicate cosine similarity threshold (default 0.90).",
+)
+@click.option(
+    "--pdq-max-distance",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="PDQ Hamming distance that counts as a match (default 31).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
 @handle_errors
-def query(images: tuple[Path, ...], k: int | None, sources: tuple[str, ...], min_similarity: float | None,
-          threshold: float | None, as_json: bool, **flags: Any) -> None:
+def query(
+    images: tuple[Path, ...],
+    k: int | None,
+    sources: tuple[str, ...],
+    min_similarity: float | None,
+    threshold: float | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
     """Score images and find their nearest known-unsafe images, near-duplicates and PDQ matches in a store.
 
     \b
@@ -331,8 +413,12 @@ def query(images: tuple[Path, ...], k: int | None, sources: tuple[str, ...], min
                     failed += 1
                     row: dict[str, Any] = {"path": name, "error": str(a)}
                 else:
-                    row = {"path": name, **query_answer(a, searcher, k=settings.k, sources=list(sources) or None,
-                                                        min_similarity=min_similarity)}
+                    row = {
+                        "path": name,
+                        **query_answer(
+                            a, searcher, k=settings.k, sources=list(sources) or None, min_similarity=min_similarity
+                        ),
+                    }
                 if as_json:
                     _emit(row)
                 else:
@@ -359,12 +445,16 @@ def _print_query(row: dict[str, Any]) -> None:
         click.echo(f"{row['path']}: error: {row['error']}")
         return
     n = row["nsfw"]
-    click.echo(f"{row['path']}: {n['level']} (medium {n['scores']['medium']:.3f}, high {n['scores']['high']:.3f})"
-               f"{' NSFW' if n['is_nsfw'] else ''}" + (f"  [indexed as id {row['indexed_id']}]"
-                                                      if row.get("indexed_id") else ""))
+    click.echo(
+        f"{row['path']}: {n['level']} (medium {n['scores']['medium']:.3f}, high {n['scores']['high']:.3f})"
+        f"{' NSFW' if n['is_nsfw'] else ''}"
+        + (f"  [indexed as id {row['indexed_id']}]" if row.get("indexed_id") else "")
+    )
     for nb in row["nearest_unsafe"]:
-        click.echo(f"  unsafe  id {nb['id']:>7}  sim {nb['similarity']:.3f}  {nb['level']:<7} "
-                   f"{'+'.join(nb['sources']):<22} {nb['paths'][0] if nb['paths'] else ''}")
+        click.echo(
+            f"  unsafe  id {nb['id']:>7}  sim {nb['similarity']:.3f}  {nb['level']:<7} "
+            f"{'+'.join(nb['sources']):<22} {nb['paths'][0] if nb['paths'] else ''}"
+        )
     for nb in row["near_duplicates"]:
         click.echo(f"  near-dup id {nb['id']:>6}  sim {nb['similarity']:.3f}")
     pdq = row["pdq"]
@@ -382,12 +472,23 @@ def _print_query(row: dict[str, Any]) -> None:
 @click.option("--clear", "label", flag_value="clear", help="Withdraw the human label.")
 @click.option("--reason", default=None, help="Why (kept in the label log).")
 @click.option("--who", default=None, help="Who labels (default: the login name).")
-@click.option("--from-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CSV with a column id/sha256/path and optional label and reason columns.")
+@click.option(
+    "--from-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CSV with a column id/sha256/path and optional label and reason columns.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per label event.")
 @handle_errors
-def label(refs: tuple[str, ...], store: Path | None, label: str | None, reason: str | None, who: str | None,
-          from_file: str | None, as_json: bool) -> None:
+def label(
+    refs: tuple[str, ...],
+    store: Path | None,
+    label: str | None,
+    reason: str | None,
+    who: str | None,
+    from_file: str | None,
+    as_json: bool,
+) -> None:
     """Label images unsafe/safe (or clear the label) by id, path or sha256; appends to the label log.
 
     \b
@@ -399,8 +500,9 @@ def label(refs: tuple[str, ...], store: Path | None, label: str | None, reason: 
     settings = settings_from(store=store)
     if label is None and not from_file:
         raise click.UsageError("say --unsafe, --safe or --clear")
-    events = label_images(require_store(settings), list(refs), label, settings, who=who, reason=reason,
-                          from_file=from_file)
+    events = label_images(
+        require_store(settings), list(refs), label, settings, who=who, reason=reason, from_file=from_file
+    )
     for e in events:
         if as_json:
             _emit(e)
@@ -413,12 +515,17 @@ def label(refs: tuple[str, ...], store: Path | None, label: str | None, reason: 
 @store_option
 @click.option("--name", required=True, help="Name of the hash list (importing again adds to it).")
 @click.option("--replace", is_flag=True, help="Replace the list of that name instead of adding to it.")
-@click.option("--pdq-max-distance", type=click.IntRange(0, 256), default=None,
-              help="Hamming distance that counts as a match (default 31).")
+@click.option(
+    "--pdq-max-distance",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="Hamming distance that counts as a match (default 31).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @handle_errors
-def import_hashes(file: str, store: Path | None, name: str, replace: bool, pdq_max_distance: int | None,
-                  as_json: bool) -> None:
+def import_hashes(
+    file: str, store: Path | None, name: str, replace: bool, pdq_max_distance: int | None, as_json: bool
+) -> None:
     """Import a PDQ hash list (one hex hash a line, or CSV with a `hash` column) and match the store against it.
 
     \b
@@ -432,18 +539,30 @@ def import_hashes(file: str, store: Path | None, name: str, replace: bool, pdq_m
     if as_json:
         _emit(out)
         return
-    click.echo(f"list {out['list']}: {out['hashes']} hashes ({out['imported']} in this file), "
-               f"{len(out['bad_lines'])} bad lines, {out['matched_images']} indexed images match", err=True)
+    click.echo(
+        f"list {out['list']}: {out['hashes']} hashes ({out['imported']} in this file), "
+        f"{len(out['bad_lines'])} bad lines, {out['matched_images']} indexed images match",
+        err=True,
+    )
     for b in out["bad_lines"][:20]:
         click.echo(f"  line {b['line']}: {b['reason']}: {b['text'][:80]}", err=True)
 
 
 @cli.command()
 @store_option
-@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help="Cosine similarity that links two images into one near-duplicate group (default 0.90).")
-@click.option("--clusters", "n_clusters", type=click.IntRange(1), default=None,
-              help="Number of k-means clusters (default: about sqrt(N/2), at most 4096).")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Cosine similarity that links two images into one near-duplicate group (default 0.90).",
+)
+@click.option(
+    "--clusters",
+    "n_clusters",
+    type=click.IntRange(1),
+    default=None,
+    help="Number of k-means clusters (default: about sqrt(N/2), at most 4096).",
+)
 @click.option("--force", is_flag=True, help="Recompute even if nothing changed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @handle_errors
@@ -457,14 +576,22 @@ def cluster(store: Path | None, threshold: float | None, n_clusters: int | None,
     from search.clusters import run_clustering
 
     settings = settings_from(store=store, near_duplicate_threshold=threshold)
-    out = run_clustering(require_store(settings), settings, threshold=threshold, n_clusters=n_clusters, force=force,
-                         log=lambda msg: click.echo(msg, err=True))
+    out = run_clustering(
+        require_store(settings),
+        settings,
+        threshold=threshold,
+        n_clusters=n_clusters,
+        force=force,
+        log=lambda msg: click.echo(msg, err=True),
+    )
     if as_json:
         _emit(out)
     else:
-        click.echo(f"{out['groups']} near-duplicate groups (threshold {out['threshold']}), {out['clusters']} clusters;"
-                   f" {out['flagged_groups']} groups and {out['flagged_clusters']} clusters hold known-unsafe images",
-                   err=True)
+        click.echo(
+            f"{out['groups']} near-duplicate groups (threshold {out['threshold']}), {out['clusters']} clusters;"
+            f" {out['flagged_groups']} groups and {out['flagged_clusters']} clusters hold known-unsafe images",
+            err=True,
+        )
 
 
 @cli.command()
@@ -472,8 +599,11 @@ def cluster(store: Path | None, threshold: float | None, n_clusters: int | None,
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free).")
-@click.option("--api-keys", default=None,
-              help="KEY:right+right,... with rights read, write, label, read_paths. Env NSFW_INDEX_API_KEYS.")
+@click.option(
+    "--api-keys",
+    default=None,
+    help="KEY:right+right,... with rights read, write, label, read_paths. Env NSFW_INDEX_API_KEYS.",
+)
 @click.option("--read-requires-key", is_flag=True, default=None, help="Close the read routes to callers without a key.")
 @handle_errors
 def serve(host: str, port: int, **flags: Any) -> None:

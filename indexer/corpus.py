@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What a directory walk picks up; files named explicitly are always tried (and fail clearly if not images).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif",
-                              ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
+)
 TAR_EXTENSIONS = (".tar",)
 TAR_SEP = "::"  # key of a tar member: /abs/shard.tar::member/name.jpg
 
@@ -53,8 +54,9 @@ def walk(inputs: Iterable[str], *, all_files: bool = False) -> Iterator[Item | W
         try:
             st = os.stat(path)
         except OSError as e:
-            yield WalkError(path, f"cannot stat: {e.strerror or e}", "missing" if isinstance(e, FileNotFoundError)
-                            else "unreadable")
+            yield WalkError(
+                path, f"cannot stat: {e.strerror or e}", "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+            )
             continue
         if stat.S_ISDIR(st.st_mode):
             yield from _walk_dir(path, all_files=all_files)
@@ -75,8 +77,11 @@ def _walk_list(list_file: str, *, all_files: bool) -> Iterator[Item | WalkError]
         yield WalkError(lf, f"cannot read the list file: {e}")
         return
     base = os.path.dirname(lf)
-    entries = [ln if os.path.isabs(os.path.expanduser(ln)) else os.path.join(base, ln)
-               for ln in lines if ln and not ln.startswith("#")]
+    entries = [
+        ln if os.path.isabs(os.path.expanduser(ln)) else os.path.join(base, ln)
+        for ln in lines
+        if ln and not ln.startswith("#")
+    ]
     yield from walk(entries, all_files=all_files)
 
 
@@ -117,8 +122,9 @@ def _walk_dir(root: str, *, all_files: bool) -> Iterator[Item | WalkError]:
             try:
                 fst = os.stat(path)
             except OSError as e:
-                yield WalkError(path, f"cannot stat: {e.strerror or e}", "symlink_loop" if e.errno == 40 else
-                                "unreadable")
+                yield WalkError(
+                    path, f"cannot stat: {e.strerror or e}", "symlink_loop" if e.errno == 40 else "unreadable"
+                )
                 continue
             if not stat.S_ISREG(fst.st_mode):
                 yield WalkError(path, "not a regular file", "invalid")
@@ -175,7 +181,9 @@ def read_item(item: Item, max_bytes: int, tars: TarReader) -> bytes:
     """The item's bytes; raises OSError/ValueError/tarfile.TarError with the reason."""
     if item.file is not None:
         if item.size > max_bytes:
-            raise ValueError(f"file of {item.size} bytes exceeds the limit of {max_bytes} bytes (raise --max-file-bytes)")
+            raise ValueError(
+                f"file of {item.size} bytes exceeds the limit of {max_bytes} bytes (raise --max-file-bytes)"
+            )
         with open(item.file, "rb") as f:
             return f.read(max_bytes + 1)
     if item.tar is None or item.member is None:

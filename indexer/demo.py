@@ -11,8 +11,20 @@ from pathlib import Path
 from search.errors import NsfwIndexError
 
 # Real photographs that ship inside the scikit-image wheel (no download).
-SAMPLES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "camera.png",
-           "hubble_deep_field.jpg", "retina.jpg", "brick.png", "grass.png", "gravel.png", "color.png")
+SAMPLES = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "camera.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "color.png",
+)
 
 
 def build_corpus(dest: Path) -> list[Path]:
@@ -59,8 +71,10 @@ def main() -> int:
         return 2
     build_corpus(corpus)
     summary = index_inputs(store, [str(corpus)], settings, extractor=ex, progress=True)
-    print(f"indexed {summary.new_images} new images into {store} ({summary.unchanged} unchanged, "
-          f"{summary.errors} errors); stage seconds {summary.timings}")
+    print(
+        f"indexed {summary.new_images} new images into {store} ({summary.unchanged} unchanged, "
+        f"{summary.errors} errors); stage seconds {summary.timings}"
+    )
     probe = corpus / "reupload_astronaut.jpg"
     searcher = Searcher(store, settings)
     try:

@@ -16,7 +16,9 @@ class PooledFeatureHook:
     """
 
     def __init__(self, model: torch.nn.Module, head_name: str | None = None) -> None:
-        name = head_name or getattr(getattr(model, "pretrained_cfg", {}), "get", lambda *_: None)("classifier") or "head"
+        name = (
+            head_name or getattr(getattr(model, "pretrained_cfg", {}), "get", lambda *_: None)("classifier") or "head"
+        )
         head = model.get_submodule(name)
         self._head = head
         self._handle: torch.utils.hooks.RemovableHandle | None = None

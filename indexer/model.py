@@ -134,7 +134,9 @@ def _from_hub(repo: str, arch: str | None) -> CheckpointFiles:
             cfg_path = hf_hub_download(repo, CONFIG_FILE)
             w_path = hf_hub_download(repo, WEIGHTS_FILE)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        why = "not in the local Hugging Face cache" + (" and HF_HUB_OFFLINE is set" if offline else " and not downloadable")
+        why = "not in the local Hugging Face cache" + (
+            " and HF_HUB_OFFLINE is set" if offline else " and not downloadable"
+        )
         raise ModelNotFound(
             f"the weights of {repo} are {why} ({type(e).__name__}). " + _HOW_TO_GET.format(repo=repo)
         ) from None
@@ -194,10 +196,13 @@ def load_model(model: str = DEFAULT_MODEL, arch: str | None = None) -> LoadedMod
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing tensor(s) {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            parts.append(
+                f"missing tensor(s) {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
         if unexpected:
             parts.append(
-                f"unexpected tensor(s) {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+                f"unexpected tensor(s) {unexpected[:5]}"
+                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             )
         raise CheckpointMismatch(f"{files.weights} does not fit {architecture}: " + "; ".join(parts))
     bad_shapes = [
@@ -218,7 +223,7 @@ def load_model(model: str = DEFAULT_MODEL, arch: str | None = None) -> LoadedMod
         preprocessing=json.loads(json.dumps(data_config)),
         num_classes=num_classes,
         label_names=_label_names(cfg, num_classes),
-        embedding_dim=int(net.num_features),
+        embedding_dim=int(getattr(net, "num_features")),  # noqa: B009  (timm models set it; nn.Module typing does not know)
         source=files.source,
     )
     return LoadedModel(net, identity, data_config)

@@ -106,8 +106,19 @@ class RunSummary:
         return self.new_images + self.duplicate_paths
 
     def counts(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("seen", "unchanged", "new_images", "duplicate_paths", "repointed",
-                                              "errors", "pruned_paths", "pruned_images")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "seen",
+                "unchanged",
+                "new_images",
+                "duplicate_paths",
+                "repointed",
+                "errors",
+                "pruned_paths",
+                "pruned_images",
+            )
+        }
 
 
 @dataclass
@@ -146,8 +157,9 @@ class _Stage:
 class Indexer:
     """Index inputs into a store. The caller holds the store's writer lock."""
 
-    def __init__(self, store: Store, extractor: Extractor, settings: Settings, *, progress: bool = False,
-                 all_files: bool = False) -> None:
+    def __init__(
+        self, store: Store, extractor: Extractor, settings: Settings, *, progress: bool = False, all_files: bool = False
+    ) -> None:
         self.store = store
         self.ex = extractor
         self.settings = settings
@@ -164,8 +176,9 @@ class Indexer:
         self._pool: Executor = _InlineExecutor()
 
     # public -----------------------------------------------------------------------------------------------------------
-    def run(self, inputs: Sequence[str], *, prune: bool = False, rebuild: bool = False,
-            args: dict[str, Any] | None = None) -> RunSummary:
+    def run(
+        self, inputs: Sequence[str], *, prune: bool = False, rebuild: bool = False, args: dict[str, Any] | None = None
+    ) -> RunSummary:
         t_start = time.perf_counter()
         ident = self.ex.identity.as_dict()
         if rebuild:
@@ -189,11 +202,16 @@ class Indexer:
             self.summary.timings = {k: round(v, 4) for k, v in self.timer.totals.items()}
             self.summary.timings["total"] = round(time.perf_counter() - t_start, 4)
             self.store.finish_run(self.summary.run_id, status, self.summary.counts(), self.summary.timings)
-            log.info("index run %d %s: %s; stage seconds %s", self.summary.run_id, status, self.summary.counts(),
-                     self.summary.timings)
+            log.info(
+                "index run %d %s: %s; stage seconds %s",
+                self.summary.run_id,
+                status,
+                self.summary.counts(),
+                self.summary.timings,
+            )
         return self.summary
 
-    # internals ----------------------------------------------------------------------------------------------------------
+    # internals --
     def _drop_all_images(self) -> None:
         with self.store.transaction() as conn:
             conn.execute("DELETE FROM paths")
@@ -209,7 +227,9 @@ class Indexer:
             _init_decoder(self.ex.data_config, self.settings.max_file_bytes, self.settings.max_pixels)
             return _InlineExecutor()
         return ProcessPoolExecutor(
-            max_workers=n, mp_context=mp.get_context("spawn"), initializer=_init_decoder,
+            max_workers=n,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_decoder,
             initargs=(self.ex.data_config, self.settings.max_file_bytes, self.settings.max_pixels),
         )
 
@@ -241,8 +261,11 @@ class Indexer:
                     data = read_item(item, self.settings.max_file_bytes, tars)
                 except (OSError, ValueError, EOFError) as e:
                     self.timer.add("read+hash", time.perf_counter() - t0)
-                    self._error(item.key, f"cannot read: {getattr(e, 'strerror', None) or e}",
-                                "too_large" if "exceeds" in str(e) else "unreadable")
+                    self._error(
+                        item.key,
+                        f"cannot read: {getattr(e, 'strerror', None) or e}",
+                        "too_large" if "exceeds" in str(e) else "unreadable",
+                    )
                     bar.update(1)
                     continue
                 except Exception as e:  # tarfile errors and the like
@@ -256,8 +279,9 @@ class Indexer:
                     self.summary.repointed += 1
                 self._route(item, sha, data)
                 bar.update(1)
-                while len(self._queue) >= window or (self._queue and self._queue[0].future.done()
-                                                     and len(self._queue) >= bs):
+                while len(self._queue) >= window or (
+                    self._queue and self._queue[0].future.done() and len(self._queue) >= bs
+                ):
                     self._drain(bs)
                 self._flush_dups(force=False)
                 bar.set_postfix(errors=self.summary.errors, refresh=False)
@@ -320,17 +344,33 @@ class Indexer:
             with self.timer.stage("model"):
                 results = self.ex.run(torch.from_numpy(np.stack([d.tensor for _, d in good])))
             for (p, d), r in zip(good, results, strict=True):
-                records.append(ImageRecord(
-                    sha256=p.sha, size=p.size, width=d.width, height=d.height, format=d.format,
-                    probabilities=[r.probabilities[k] for k in LEVELS], scores=[r.scores[k] for k in LEVELS],
-                    level=r.level, embedding=r.embedding, pdq=d.pdq, pdq_quality=d.pdq_quality,
-                ))
+                records.append(
+                    ImageRecord(
+                        sha256=p.sha,
+                        size=p.size,
+                        width=d.width,
+                        height=d.height,
+                        format=d.format,
+                        probabilities=[r.probabilities[k] for k in LEVELS],
+                        scores=[r.scores[k] for k in LEVELS],
+                        level=r.level,
+                        embedding=r.embedding,
+                        pdq=d.pdq,
+                        pdq_quality=d.pdq_quality,
+                    )
+                )
                 paths.extend((it.key, p.sha, it.size, it.mtime_ns) for it in p.paths)
                 self.summary.new_images += 1
                 self.summary.duplicate_paths += len(p.paths) - 1
         with self.timer.stage("write"):
-            self.store.write_batch(self.summary.run_id, records, paths + self._take_dups(), self._take_errors(),
-                                   matcher=self._matcher, max_distance=stored_match_distance(self.settings))
+            self.store.write_batch(
+                self.summary.run_id,
+                records,
+                paths + self._take_dups(),
+                self._take_errors(),
+                matcher=self._matcher,
+                max_distance=stored_match_distance(self.settings),
+            )
         self._maybe_checkpoint_faiss()
 
     def _result(self, p: _Pending) -> Decoded | InvalidImage:
@@ -383,7 +423,9 @@ class Indexer:
     def _bar(self) -> Any:
         from tqdm import tqdm
 
-        return tqdm(desc="indexing", unit="img", disable=not (self.progress and sys.stdout.isatty()), dynamic_ncols=True)
+        return tqdm(
+            desc="indexing", unit="img", disable=not (self.progress and sys.stdout.isatty()), dynamic_ncols=True
+        )
 
 
 def _abs(p: str) -> str:

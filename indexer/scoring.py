@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import torch
+
 from indexer.decode import read_image_file
 from indexer.extractor import Extractor, ImageResult
 from search.errors import InvalidImage
@@ -16,10 +18,10 @@ def score_files(
 ) -> Iterator[tuple[Path, ImageResult | InvalidImage]]:
     """Yield (path, result) in input order; a file that cannot be decoded yields its InvalidImage instead."""
     ex = extractor or Extractor.from_settings(settings)
-    pending: list[tuple[Path, object]] = []
+    pending: list[tuple[Path, torch.Tensor | InvalidImage]] = []
 
     def flush() -> Iterator[tuple[Path, ImageResult | InvalidImage]]:
-        good = [(i, t) for i, (_, t) in enumerate(pending) if not isinstance(t, InvalidImage)]
+        good = [(i, t) for i, (_, t) in enumerate(pending) if isinstance(t, torch.Tensor)]
         results = ex.run_tensors([t for _, t in good]) if good else []
         by_index = {i: r for (i, _), r in zip(good, results, strict=True)}
         for i, (p, t) in enumerate(pending):

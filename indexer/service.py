@@ -22,9 +22,18 @@ def set_index_factory(store: Store, factory: str | None, dim: int | None = None)
     return True
 
 
-def index_inputs(store_dir: Path, inputs: list[str], settings: Settings, *, prune: bool = False,
-                 rebuild: bool = False, all_files: bool = False, index_factory: str | None = None,
-                 progress: bool = False, extractor: Extractor | None = None) -> RunSummary:
+def index_inputs(
+    store_dir: Path,
+    inputs: list[str],
+    settings: Settings,
+    *,
+    prune: bool = False,
+    rebuild: bool = False,
+    all_files: bool = False,
+    index_factory: str | None = None,
+    progress: bool = False,
+    extractor: Extractor | None = None,
+) -> RunSummary:
     """Take the writer lock (or fail at once with StoreLocked), load the model, index, update the FAISS files."""
     store = Store(store_dir, create=True)
     try:
@@ -34,15 +43,24 @@ def index_inputs(store_dir: Path, inputs: list[str], settings: Settings, *, prun
                 store.check_model(ex.identity.as_dict())  # refuse before any work
             set_index_factory(store, index_factory, ex.identity.embedding_dim)
             return Indexer(store, ex, settings, progress=progress, all_files=all_files).run(
-                inputs, prune=prune, rebuild=rebuild,
+                inputs,
+                prune=prune,
+                rebuild=rebuild,
                 args={"inputs": inputs, "prune": prune, "rebuild": rebuild, "model": settings.model},
             )
     finally:
         store.close()
 
 
-def add_image(store_dir: Path, ex: Extractor, settings: Settings, analysis: Analysis, *,
-              lock_timeout: float = 5.0, run_kind: str = "http-add") -> tuple[int, bool]:
+def add_image(
+    store_dir: Path,
+    ex: Extractor,
+    settings: Settings,
+    analysis: Analysis,
+    *,
+    lock_timeout: float = 5.0,
+    run_kind: str = "http-add",
+) -> tuple[int, bool]:
     """Add one analysed image (an upload) to the store, under the writer lock. Returns (id, created).
 
     The upload's path is recorded as `upload://SHA256` (no client path is stored or shown). Committed to SQLite
@@ -57,11 +75,14 @@ def add_image(store_dir: Path, ex: Extractor, settings: Settings, analysis: Anal
                 return existing[analysis.sha256], False
             matcher = list_matcher(store)
             run_id = store.begin_run(run_kind, {"sha256": analysis.sha256})
-            ids = store.write_batch(run_id, [analysis.record()],
-                                    [(f"upload://{analysis.sha256}", analysis.sha256, analysis.size, None)],
-                                    matcher=matcher, max_distance=stored_match_distance(settings))
+            ids = store.write_batch(
+                run_id,
+                [analysis.record()],
+                [(f"upload://{analysis.sha256}", analysis.sha256, analysis.size, None)],
+                matcher=matcher,
+                max_distance=stored_match_distance(settings),
+            )
             store.finish_run(run_id, "done", {"new_images": 1}, {})
             return ids[analysis.sha256], True
     finally:
         store.close()
-

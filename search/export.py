@@ -41,14 +41,19 @@ def export_parquet(store_dir: Path, out: Path, settings: Settings, *, embeddings
         if embeddings:
             dim = store.embedding_dim() if ids else 0
             flat = np.concatenate(vecs).reshape(-1) if vecs else np.zeros(0, np.float32)
-            cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim) if ids else \
-                pa.array([], pa.list_(pa.float32()))
+            cols["embedding"] = (
+                pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)
+                if ids
+                else pa.array([], pa.list_(pa.float32()))
+            )
         table = pa.table(cols)
         ident = store.model_identity() or {}
-        table = table.replace_schema_metadata({
-            "nsfw_index.model_architecture": str(ident.get("architecture")),
-            "nsfw_index.model_weights_sha256": str(ident.get("weights_sha256")),
-        })
+        table = table.replace_schema_metadata(
+            {
+                "nsfw_index.model_architecture": str(ident.get("architecture")),
+                "nsfw_index.model_weights_sha256": str(ident.get("weights_sha256")),
+            }
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         pq.write_table(table, tmp)

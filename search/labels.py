@@ -73,9 +73,16 @@ def read_label_csv(path: str | os.PathLike[str]) -> list[tuple[str, str | None, 
         raise InvalidArgument(f"cannot read the labels CSV {path}: {e}") from e
 
 
-def label_images(store_dir: Path, refs: Sequence[str], label: str | None, settings: Settings, *,
-                 who: str | None = None, reason: str | None = None,
-                 from_file: str | None = None) -> list[dict[str, Any]]:
+def label_images(
+    store_dir: Path,
+    refs: Sequence[str],
+    label: str | None,
+    settings: Settings,
+    *,
+    who: str | None = None,
+    reason: str | None = None,
+    from_file: str | None = None,
+) -> list[dict[str, Any]]:
     """Append label events for images named by id, path or sha256. All refs are resolved before anything is written,
     so one unknown ref changes nothing."""
     items: list[tuple[str, str | None, str | None]] = [(r, label, reason) for r in refs]
@@ -98,16 +105,26 @@ def label_images(store_dir: Path, refs: Sequence[str], label: str | None, settin
             now = utcnow()
             for ref, image_id, lab, why in resolved:
                 sha = conn.execute("SELECT sha256 FROM images WHERE id = ?", [image_id]).fetchone()[0]
-                cur = conn.execute("INSERT INTO labels (sha256, label, who, at, reason) VALUES (?,?,?,?,?)",
-                                   [sha, lab, who, now, why])
+                cur = conn.execute(
+                    "INSERT INTO labels (sha256, label, who, at, reason) VALUES (?,?,?,?,?)", [sha, lab, who, now, why]
+                )
                 out.append({"ref": ref, "id": image_id, "label": lab, "event": cur.lastrowid, "who": who, "at": now})
         _refresh_unsafe_file(store, settings)
         return out
 
 
-def import_hash_list(store_dir: Path, file: str | os.PathLike[str], name: str, settings: Settings,
-                     *, replace: bool = False) -> dict[str, Any]:
-    """Import a PDQ hash list under `name` and match every indexed image against it (Hamming <= max distance)."""
+def import_hash_list(
+    store_dir: Path,
+    file: str | os.PathLike[str],
+    name: str,
+    settings: Settings,
+    *,
+    replace: bool = False,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """Import a PDQ hash list under `name` and match every indexed image against it (Hamming <= max distance).
+
+    `source` is what the store records as the list's origin (default: the file's absolute path)."""
     parsed = parse_hash_list(file)
     if not name.strip():
         raise InvalidArgument("a hash list needs a --name")
@@ -118,19 +135,26 @@ def import_hash_list(store_dir: Path, file: str | os.PathLike[str], name: str, s
                 list_id = int(row[0])
             else:
                 if row:
-                    conn.execute("DELETE FROM hash_matches WHERE list_hash_id IN "
-                                 "(SELECT id FROM list_hashes WHERE list_id = ?)", [row[0]])
+                    conn.execute(
+                        "DELETE FROM hash_matches WHERE list_hash_id IN (SELECT id FROM list_hashes WHERE list_id = ?)",
+                        [row[0]],
+                    )
                     conn.execute("DELETE FROM list_hashes WHERE list_id = ?", [row[0]])
                     conn.execute("DELETE FROM hash_lists WHERE id = ?", [row[0]])
                 cur = conn.execute(
                     "INSERT INTO hash_lists (name, source, imported_at, count, bad_lines) VALUES (?,?,?,0,0)",
-                    [name, str(Path(file).resolve()), utcnow()])
+                    [name, source or str(Path(file).resolve()), utcnow()],
+                )
                 list_id = int(cur.lastrowid or 0)
-            conn.executemany("INSERT OR IGNORE INTO list_hashes (list_id, hash) VALUES (?, ?)",
-                             [(list_id, h) for _, h in parsed.hashes])
+            conn.executemany(
+                "INSERT OR IGNORE INTO list_hashes (list_id, hash) VALUES (?, ?)",
+                [(list_id, h) for _, h in parsed.hashes],
+            )
             total = conn.execute("SELECT COUNT(*) FROM list_hashes WHERE list_id = ?", [list_id]).fetchone()[0]
-            conn.execute("UPDATE hash_lists SET count = ?, bad_lines = bad_lines + ?, imported_at = ? WHERE id = ?",
-                         [total, len(parsed.bad_lines), utcnow(), list_id])
+            conn.execute(
+                "UPDATE hash_lists SET count = ?, bad_lines = bad_lines + ?, imported_at = ? WHERE id = ?",
+                [total, len(parsed.bad_lines), utcnow(), list_id],
+            )
             # match the whole store against this list (FAISS binary index over the list)
             entries = conn.execute("SELECT id, hash FROM list_hashes WHERE list_id = ?", [list_id]).fetchall()
             matcher = HashMatcher()
@@ -139,13 +163,23 @@ def import_hash_list(store_dir: Path, file: str | os.PathLike[str], name: str, s
             matched: set[int] = set()  # images within the configured distance
             for i in range(0, len(images), 10000):
                 chunk = images[i : i + 10000]
-                found = matcher.match([r[1] for r in chunk], stored_match_distance(settings)) if len(matcher) else \
-                    [[] for _ in chunk]
+                found = (
+                    matcher.match([r[1] for r in chunk], stored_match_distance(settings))
+                    if len(matcher)
+                    else [[] for _ in chunk]
+                )
                 rows = [(img[0], hid, dist) for img, hits in zip(chunk, found, strict=True) for hid, dist in hits]
-                conn.executemany("INSERT OR IGNORE INTO hash_matches (image_id, list_hash_id, distance) "
-                                 "VALUES (?,?,?)", rows)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO hash_matches (image_id, list_hash_id, distance) VALUES (?,?,?)", rows
+                )
                 matched.update(r[0] for r in rows if r[2] <= settings.pdq_max_distance)
         refreshed = _refresh_unsafe_file(store, settings) if store.model_identity() else False
-    return {"list": name, "list_id": list_id, "hashes": int(total), "imported": len(parsed.hashes),
-            "bad_lines": [{"line": n, "text": t, "reason": r} for n, t, r in parsed.bad_lines],
-            "matched_images": len(matched), "unsafe_index_updated": refreshed}
+    return {
+        "list": name,
+        "list_id": list_id,
+        "hashes": int(total),
+        "imported": len(parsed.hashes),
+        "bad_lines": [{"line": n, "text": t, "reason": r} for n, t, r in parsed.bad_lines],
+        "matched_images": len(matched),
+        "unsafe_index_updated": refreshed,
+    }

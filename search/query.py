@@ -71,7 +71,11 @@ class Searcher:
             if token == self._token and not force:
                 return False
             gen_now = dict(token[-1])
-            if self._all is None or gen_now.get("all") != self._all.generation or token[2] != (self._token or (0,) * 3)[2]:
+            if (
+                self._all is None
+                or gen_now.get("all") != self._all.generation
+                or token[2] != (self._token or (0,) * 3)[2]
+            ):
                 self._all = self.files.open_all(persist=self.persist)  # the newer snapshot, caught up
             else:
                 self.files.catch_up_all(self._all)
@@ -90,7 +94,8 @@ class Searcher:
 
     def _load_hash_matchers(self) -> None:
         rows = self.store.db.execute(
-            "SELECT h.id, h.hash, l.name FROM list_hashes h JOIN hash_lists l ON l.id = h.list_id").fetchall()
+            "SELECT h.id, h.hash, l.name FROM list_hashes h JOIN hash_lists l ON l.id = h.list_id"
+        ).fetchall()
         self._lists = HashMatcher() if rows else None
         if self._lists is not None:
             self._lists.add([r[0] for r in rows], [r[1] for r in rows])
@@ -118,9 +123,16 @@ class Searcher:
     def close(self) -> None:
         self.store.close()
 
-    # -- queries ----------------------------------------------------------------------------------------------------------
-    def nearest_unsafe(self, vec: np.ndarray, k: int | None = None, *, sources: Sequence[str] | None = None,
-                       min_similarity: float | None = None, exclude: Sequence[int] = ()) -> list[dict[str, Any]]:
+    # -- queries --
+    def nearest_unsafe(
+        self,
+        vec: np.ndarray,
+        k: int | None = None,
+        *,
+        sources: Sequence[str] | None = None,
+        min_similarity: float | None = None,
+        exclude: Sequence[int] = (),
+    ) -> list[dict[str, Any]]:
         """The k nearest known-unsafe images (cosine), each with why it is known-unsafe."""
         k = k or self.settings.k
         if sources:
@@ -130,11 +142,14 @@ class Searcher:
         with self._lock:
             if self._unsafe is None or self._unsafe.index.ntotal == 0:
                 return []
-            allowed = [i for i, s in self._unsafe_map.items() if (not sources or set(s) & set(sources))
-                       and i not in set(exclude)]
+            allowed = [
+                i
+                for i, s in self._unsafe_map.items()
+                if (not sources or set(s) & set(sources)) and i not in set(exclude)
+            ]
             if not allowed:
                 return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
             kk = min(k, len(allowed))
             sims, ids = self._unsafe.index.search(_as_query(vec), kk, params=params)
             hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
@@ -142,12 +157,27 @@ class Searcher:
                 hits = [(i, s) for i, s in hits if s >= min_similarity]
             rows = self.store.images([i for i, _ in hits])
             paths = self.store.paths_of([i for i, _ in hits])
-            return [{"id": i, "similarity": s, "scores": rows[i]["scores"], "level": rows[i]["level"],
-                     "sources": self._unsafe_map.get(i, []), "paths": paths.get(i, [])}
-                    for i, s in hits if i in rows]
+            return [
+                {
+                    "id": i,
+                    "similarity": s,
+                    "scores": rows[i]["scores"],
+                    "level": rows[i]["level"],
+                    "sources": self._unsafe_map.get(i, []),
+                    "paths": paths.get(i, []),
+                }
+                for i, s in hits
+                if i in rows
+            ]
 
-    def near_duplicates(self, vec: np.ndarray, threshold: float | None = None, *,
-                        limit: int = DEFAULT_NEAR_DUPLICATE_LIMIT, exclude: Sequence[int] = ()) -> list[dict[str, Any]]:
+    def near_duplicates(
+        self,
+        vec: np.ndarray,
+        threshold: float | None = None,
+        *,
+        limit: int = DEFAULT_NEAR_DUPLICATE_LIMIT,
+        exclude: Sequence[int] = (),
+    ) -> list[dict[str, Any]]:
         """Images of the whole corpus with cosine similarity >= threshold, most similar first (at most `limit`)."""
         t = self.settings.near_duplicate_threshold if threshold is None else threshold
         with self._lock:
@@ -157,7 +187,9 @@ class Searcher:
             hits: list[tuple[int, float]]
             try:
                 lims, sims, ids = self._all.index.range_search(q, float(np.nextafter(np.float32(t), -np.inf)))
-                hits = [(int(i), float(s)) for i, s in zip(ids[lims[0]:lims[1]], sims[lims[0]:lims[1]], strict=True)]
+                hits = [
+                    (int(i), float(s)) for i, s in zip(ids[lims[0] : lims[1]], sims[lims[0] : lims[1]], strict=True)
+                ]
             except RuntimeError:  # approximate indexes without range search: top-k, then the threshold
                 kk = min(self._all.index.ntotal, limit + len(exclude))
                 sims, ids = self._all.index.search(q, kk)
@@ -182,32 +214,61 @@ class Searcher:
                     out.append({"source": "human", "id": image_id, "distance": dist})
         return sorted(out, key=lambda m: m["distance"])
 
-    def answer(self, embedding: np.ndarray, *, pdq: str | None, quality: int | None, k: int | None = None,
-               sources: Sequence[str] | None = None, min_similarity: float | None = None,
-               threshold: float | None = None, exclude: Sequence[int] = ()) -> dict[str, Any]:
+    def answer(
+        self,
+        embedding: np.ndarray,
+        *,
+        pdq: str | None,
+        quality: int | None,
+        k: int | None = None,
+        sources: Sequence[str] | None = None,
+        min_similarity: float | None = None,
+        threshold: float | None = None,
+        exclude: Sequence[int] = (),
+    ) -> dict[str, Any]:
         """The `nearest_unsafe`, `near_duplicates` and `pdq` parts of a query answer."""
         return {
-            "nearest_unsafe": self.nearest_unsafe(embedding, k, sources=sources, min_similarity=min_similarity,
-                                                  exclude=exclude),
+            "nearest_unsafe": self.nearest_unsafe(
+                embedding, k, sources=sources, min_similarity=min_similarity, exclude=exclude
+            ),
             "near_duplicates": self.near_duplicates(embedding, threshold, exclude=exclude),
             "pdq": {"hash": pdq, "quality": quality, "matches": self.pdq_matches(pdq)},
         }
 
-    def neighbours(self, image_id: int, *, k: int | None = None, sources: Sequence[str] | None = None,
-                   min_similarity: float | None = None, threshold: float | None = None) -> dict[str, Any]:
+    def neighbours(
+        self,
+        image_id: int,
+        *,
+        k: int | None = None,
+        sources: Sequence[str] | None = None,
+        min_similarity: float | None = None,
+        threshold: float | None = None,
+    ) -> dict[str, Any]:
         """The answer for an indexed image, without running the model: it leaves itself out."""
         with self._lock:
             row = self.store.image(image_id)
             vec = self.store.vectors([image_id])[0]
             paths = self.store.paths_of([image_id])[image_id]
-            ans = self.answer(vec, pdq=row["pdq"]["hash"], quality=row["pdq"]["quality"], k=k, sources=sources,
-                              min_similarity=min_similarity, threshold=threshold, exclude=[image_id])
+            ans = self.answer(
+                vec,
+                pdq=row["pdq"]["hash"],
+                quality=row["pdq"]["quality"],
+                k=k,
+                sources=sources,
+                min_similarity=min_similarity,
+                threshold=threshold,
+                exclude=[image_id],
+            )
             ans["pdq"]["matches"] = [m for m in ans["pdq"]["matches"] if m.get("id") != image_id]
             sources_now = self._unsafe_map.get(image_id, [])
         return {
             "id": image_id,
-            "nsfw": {"probabilities": row["probabilities"], "scores": row["scores"], "level": row["level"],
-                     "is_nsfw": row["scores"][self.settings.nsfw_level] >= self.settings.nsfw_threshold},
+            "nsfw": {
+                "probabilities": row["probabilities"],
+                "scores": row["scores"],
+                "level": row["level"],
+                "is_nsfw": row["scores"][self.settings.nsfw_level] >= self.settings.nsfw_threshold,
+            },
             "known_unsafe_sources": sources_now,
             "exact_duplicates": {"count": max(0, len(paths) - 1), "paths": paths},
             **ans,

@@ -10,7 +10,7 @@ from search.settings import LEVELS
 
 
 def cumulative_scores(probabilities: Sequence[float] | np.ndarray) -> np.ndarray:
-    """"At least this level" scores exactly as the Freepik package computes them from the softmax p.
+    """ "At least this level" scores exactly as the Freepik package computes them from the softmax p.
 
     neutral = p0, low = p1+p2+p3, medium = p2+p3, high = p3. Works on one vector (4,) or a batch (N, 4).
     """

@@ -15,8 +15,10 @@ from search.vectors import IndexFiles, set_search_params
 
 def recall_at_k(store: Store, files: IndexFiles, settings: Settings, sample: int, k: int = 10) -> float | None:
     """Recall@k of the stored approximate index against exact inner-product search, on a sample of stored vectors."""
+    if sample <= 0:  # before loading: the index file can be large
+        return None
     snap = files.load("all")
-    if snap is None or snap.manifest.get("factory", "Flat") == "Flat" or sample <= 0 or snap.index.ntotal == 0:
+    if snap is None or snap.manifest.get("factory", "Flat") == "Flat" or snap.index.ntotal == 0:
         return None
     set_search_params(snap.index, settings)
     all_ids, all_vecs = [], []

@@ -207,7 +207,8 @@ class Store:
         if not self.db_path.exists():
             if not create:
                 raise StoreNotFound(
-                    f"no store at {self.root} (no {DB_FILE}); create one with `nsfw-index index PATH --store {self.root}`"
+                    f"no store at {self.root} (no {DB_FILE}); "
+                    f"create one with `nsfw-index index PATH --store {self.root}`"
                 )
             self.root.mkdir(parents=True, exist_ok=True)
         self.readonly = readonly
@@ -240,8 +241,10 @@ class Store:
             try:
                 conn = sqlite3.connect(self.db_path, timeout=30)
             except sqlite3.Error as e:
-                raise StoreCorrupt(f"{self.db_path} needs schema migrations {version + 1}..{SCHEMA_VERSION} and "
-                                   f"cannot be opened for writing ({e}); run any writing verb once") from e
+                raise StoreCorrupt(
+                    f"{self.db_path} needs schema migrations {version + 1}..{SCHEMA_VERSION} and "
+                    f"cannot be opened for writing ({e}); run any writing verb once"
+                ) from e
         try:
             self._apply(conn, version)
         finally:
@@ -307,8 +310,9 @@ class Store:
         """Refuse vectors of another model. An empty store adopts the identity; `adopt` replaces it (rebuild)."""
         current = self.model_identity()
         if current is None or adopt:
-            self.set_info("model", {k: identity[k] for k in ("architecture", "weights_sha256", "preprocessing",
-                                                              "embedding_dim")})
+            self.set_info(
+                "model", {k: identity[k] for k in ("architecture", "weights_sha256", "preprocessing", "embedding_dim")}
+            )
             return
         diffs = [
             f"{k}: store has {current.get(k)!r}, model has {identity.get(k)!r}"
@@ -386,10 +390,24 @@ class Store:
             for r in images:
                 conn.execute(
                     "INSERT OR IGNORE INTO images (sha256, size, width, height, format, p_neutral, p_low, p_medium, "
-                    "p_high, s_neutral, s_low, s_medium, s_high, level, embedding, pdq, pdq_quality, run_id, indexed_at)"
+                    "p_high, s_neutral, s_low, s_medium, s_high, level, embedding, pdq, pdq_quality, run_id, "
+                    "indexed_at)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [r.sha256, r.size, r.width, r.height, r.format, *map(float, r.probabilities),
-                     *map(float, r.scores), r.level, _blob(r.embedding), r.pdq, r.pdq_quality, run_id, now],
+                    [
+                        r.sha256,
+                        r.size,
+                        r.width,
+                        r.height,
+                        r.format,
+                        *map(float, r.probabilities),
+                        *map(float, r.scores),
+                        r.level,
+                        _blob(r.embedding),
+                        r.pdq,
+                        r.pdq_quality,
+                        run_id,
+                        now,
+                    ],
                 )
             shas = {r.sha256 for r in images} | {p[1] for p in paths}
             ids = self.ids_by_sha(shas)
@@ -409,11 +427,12 @@ class Store:
                 )
                 conn.execute("DELETE FROM errors WHERE path = ?", [path])
             if matcher is not None and len(matcher):
-                new = [r for r in images if r.pdq]
-                for r, found in zip(new, matcher.match([r.pdq for r in new], max_distance), strict=True):
+                new = [(r, r.pdq) for r in images if r.pdq]
+                for (r, _), found in zip(new, matcher.match([h for _, h in new], max_distance), strict=True):
                     conn.executemany(
                         "INSERT OR IGNORE INTO hash_matches (image_id, list_hash_id, distance) VALUES (?,?,?)",
-                        [(ids[r.sha256], hid, dist) for hid, dist in found])
+                        [(ids[r.sha256], hid, dist) for hid, dist in found],
+                    )
             for path, reason, kind in errors:
                 conn.execute("DELETE FROM paths WHERE path = ?", [path])
                 conn.execute(
@@ -429,8 +448,11 @@ class Store:
         if candidates is None:
             orphans = [r[0] for r in conn.execute(q)]
         else:
-            orphans = [i for i in candidates
-                       if not conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", [i]).fetchone()]
+            orphans = [
+                i
+                for i in candidates
+                if not conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", [i]).fetchone()
+            ]
         if orphans:
             for i in range(0, len(orphans), 500):
                 chunk = orphans[i : i + 500]
@@ -439,7 +461,9 @@ class Store:
                 conn.execute(f"DELETE FROM images WHERE id IN ({marks})", chunk)
             # derived indexes compare this epoch and rebuild: deletions are rare, rebuilding is always right
             epoch = self.get_info("deletion_epoch", 0) + 1
-            conn.execute("INSERT OR REPLACE INTO store_info (key, value) VALUES ('deletion_epoch', ?)", [json.dumps(epoch)])
+            conn.execute(
+                "INSERT OR REPLACE INTO store_info (key, value) VALUES ('deletion_epoch', ?)", [json.dumps(epoch)]
+            )
         return len(orphans)
 
     def prune(self, keep: set[str], under: Sequence[str] | None = None) -> tuple[int, int]:
@@ -467,8 +491,9 @@ class Store:
             return int(self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
         return int(self.db.execute("SELECT COUNT(*) FROM images WHERE id <= ?", [max_id]).fetchone()[0])
 
-    def iter_vectors(self, after_id: int = 0, upto_id: int | None = None, chunk: int = 20000
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(
+        self, after_id: int = 0, upto_id: int | None = None, chunk: int = 20000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids int64, vectors float32) in id order, in chunks."""
         dim = self.embedding_dim()
         last = after_id
@@ -488,8 +513,9 @@ class Store:
         ids = [int(i) for i in ids]
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
-            for r in self.db.execute(f"SELECT id, embedding FROM images WHERE id IN ({','.join('?' * len(chunk))})",
-                                     chunk):
+            for r in self.db.execute(
+                f"SELECT id, embedding FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            ):
                 found[r[0]] = r[1]
         missing = [i for i in ids if i not in found]
         if missing:
@@ -502,8 +528,9 @@ class Store:
         ids = [int(i) for i in ids]
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
-            cur = self.db.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(chunk))})",
-                                  chunk)
+            cur = self.db.execute(
+                f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
             cols = [d[0] for d in cur.description]
             for row in cur:
                 out[row[0]] = image_row_to_dict(dict(zip(cols, row, strict=True)))
@@ -549,9 +576,13 @@ class Store:
         """Append one label event per image (unsafe, safe or clear); the latest event is the current label."""
         if label not in LABELS:
             raise InvalidArgument(f"label must be one of {LABELS}, not {label!r}")
-        shas = self.db.execute(
-            f"SELECT id, sha256 FROM images WHERE id IN ({','.join('?' * len(image_ids))})", list(image_ids)
-        ).fetchall() if image_ids else []
+        shas = (
+            self.db.execute(
+                f"SELECT id, sha256 FROM images WHERE id IN ({','.join('?' * len(image_ids))})", list(image_ids)
+            ).fetchall()
+            if image_ids
+            else []
+        )
         by_id = dict(shas)
         missing = [i for i in image_ids if i not in by_id]
         if missing:
@@ -560,15 +591,19 @@ class Store:
         events = []
         with self.transaction() as conn:
             for i in image_ids:
-                cur = conn.execute("INSERT INTO labels (sha256, label, who, at, reason) VALUES (?,?,?,?,?)",
-                                   [by_id[i], label, who, now, reason])
+                cur = conn.execute(
+                    "INSERT INTO labels (sha256, label, who, at, reason) VALUES (?,?,?,?,?)",
+                    [by_id[i], label, who, now, reason],
+                )
                 events.append(int(cur.lastrowid or 0))
         return events
 
     def label_history(self, image_id: int) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT l.id, l.label, l.who, l.at, l.reason FROM labels l JOIN images i ON i.sha256 = l.sha256 "
-            "WHERE i.id = ? ORDER BY l.id", [image_id])
+            "WHERE i.id = ? ORDER BY l.id",
+            [image_id],
+        )
         return [dict(zip(("event", "label", "who", "at", "reason"), r, strict=True)) for r in cur]
 
     def current_labels(self, ids: Sequence[int] | None = None) -> dict[int, str]:
@@ -605,12 +640,20 @@ class Store:
             return {}
         marks = ",".join("?" * len(ids))
         labels = self.current_labels(ids)
-        hashed = {r[0] for r in self.db.execute(
-            f"SELECT DISTINCT image_id FROM hash_matches WHERE distance <= ? AND image_id IN ({marks})",
-            [settings.pdq_max_distance, *ids])}
+        hashed = {
+            r[0]
+            for r in self.db.execute(
+                f"SELECT DISTINCT image_id FROM hash_matches WHERE distance <= ? AND image_id IN ({marks})",
+                [settings.pdq_max_distance, *ids],
+            )
+        }
         col = f"s_{settings.nsfw_level}"
-        model = {r[0] for r in self.db.execute(f"SELECT id FROM images WHERE {col} >= ? AND id IN ({marks})",
-                                               [settings.nsfw_threshold, *ids])}
+        model = {
+            r[0]
+            for r in self.db.execute(
+                f"SELECT id FROM images WHERE {col} >= ? AND id IN ({marks})", [settings.nsfw_threshold, *ids]
+            )
+        }
         out: dict[int, list[str]] = {}
         for i in ids:
             s = []
@@ -626,14 +669,19 @@ class Store:
 
     # -- errors and stats --
     def errors(self, limit: int | None = None) -> list[dict[str, Any]]:
-        q = "SELECT path, reason, kind, run_id, at FROM errors ORDER BY path" + (f" LIMIT {int(limit)}" if limit else "")
+        q = "SELECT path, reason, kind, run_id, at FROM errors ORDER BY path" + (
+            f" LIMIT {int(limit)}" if limit else ""
+        )
         return [dict(zip(("path", "reason", "kind", "run_id", "at"), r, strict=True)) for r in self.db.execute(q)]
 
     def counts(self, settings: Settings) -> dict[str, Any]:
         images = self.count_images()
         paths = int(self.db.execute("SELECT COUNT(*) FROM paths").fetchone()[0])
-        dup_images = int(self.db.execute(
-            "SELECT COUNT(*) FROM (SELECT image_id FROM paths GROUP BY image_id HAVING COUNT(*) > 1)").fetchone()[0])
+        dup_images = int(
+            self.db.execute(
+                "SELECT COUNT(*) FROM (SELECT image_id FROM paths GROUP BY image_id HAVING COUNT(*) > 1)"
+            ).fetchone()[0]
+        )
         errors = int(self.db.execute("SELECT COUNT(*) FROM errors").fetchone()[0])
         levels = {lv: 0 for lv in LEVELS}
         for lv, n in self.db.execute("SELECT level, COUNT(*) FROM images GROUP BY level"):
@@ -647,10 +695,13 @@ class Store:
             "errors": errors,
             "levels": levels,
             "known_unsafe": {"total": len(unsafe), **by_source},
-            "labels": {lab: n for lab, n in self.db.execute(
-                "SELECT label, COUNT(*) FROM current_labels GROUP BY label")},
-            "hash_lists": [dict(zip(("name", "count", "imported_at"), r, strict=True)) for r in self.db.execute(
-                "SELECT name, count, imported_at FROM hash_lists ORDER BY id")],
+            "labels": {
+                lab: n for lab, n in self.db.execute("SELECT label, COUNT(*) FROM current_labels GROUP BY label")
+            },
+            "hash_lists": [
+                dict(zip(("name", "count", "imported_at"), r, strict=True))
+                for r in self.db.execute("SELECT name, count, imported_at FROM hash_lists ORDER BY id")
+            ],
             "schema_version": SCHEMA_VERSION,
         }
 

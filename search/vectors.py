@@ -69,7 +69,7 @@ def set_search_params(index: faiss.Index, settings: Settings) -> None:
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
-    return faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.zeros(0, np.int64)
+    return faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.zeros(0, np.int64)  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
 
 
 @dataclass
@@ -169,7 +169,7 @@ class IndexFiles:
         dim = self.store.embedding_dim()
         index = make_index(factory, dim)
         watermark = self.store.max_image_id()
-        inner = faiss.downcast_index(index.index)
+        inner = faiss.downcast_index(index.index)  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
         if not inner.is_trained:
             train = self._training_sample(watermark)
             if len(train) == 0:
@@ -198,8 +198,10 @@ class IndexFiles:
         """Add rows committed after the snapshot's watermark. Returns how many were added."""
         wm = int(snap.manifest.get("watermark", 0))
         if self.store.count_images(wm) != snap.index.ntotal:
-            raise IndexMismatch(f"index 'all' holds {snap.index.ntotal} vectors but the store has "
-                                f"{self.store.count_images(wm)} up to id {wm}")
+            raise IndexMismatch(
+                f"index 'all' holds {snap.index.ntotal} vectors but the store has "
+                f"{self.store.count_images(wm)} up to id {wm}"
+            )
         added = 0
         top = self.store.max_image_id()
         for ids, vecs in self.store.iter_vectors(wm, top):
@@ -217,7 +219,7 @@ class IndexFiles:
         add = sorted(unsafe_ids - have)
         remove = sorted(have - unsafe_ids)
         if remove:
-            snap.index.remove_ids(np.asarray(remove, dtype=np.int64))
+            snap.index.remove_ids(np.asarray(remove, dtype=np.int64))  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
         if add:
             snap.index.add_with_ids(self.store.vectors(add), np.asarray(add, dtype=np.int64))
         snap.manifest["watermark"] = self.store.max_image_id()
@@ -273,7 +275,8 @@ class IndexFiles:
                 "factory": m.get("factory"),
                 "watermark": m.get("watermark"),
                 "behind_by": (self.store.count_images() - self.store.count_images(int(m.get("watermark", 0))))
-                if name == "all" else None,
+                if name == "all"
+                else None,
                 "fresh": not stale and (name != "all" or int(m.get("watermark", 0)) >= top),
                 "stale_because": stale,
             }

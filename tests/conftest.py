@@ -50,7 +50,9 @@ def make_checkpoint(directory: Path, *, layout: str = "prefixed", seed: int = 0,
     state = load_file(weights)
     assert all(k.startswith("timm_model.") for k in state), "transformers changed its key layout"
     if layout == "bare":
-        save_file({k[len("timm_model.") :]: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+        save_file(
+            {k[len("timm_model.") :]: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"}
+        )
     elif layout != "prefixed":
         raise ValueError(layout)
     json.loads((directory / "config.json").read_text())  # written and readable

@@ -39,8 +39,14 @@ def _snapshot(store_dir: Path) -> dict[str, tuple]:
     with Store(store_dir, readonly=True) as s:
         rows = s.db.execute("SELECT id, sha256, s_neutral, s_low, s_medium, s_high, embedding FROM images").fetchall()
         paths = s.paths_of([r[0] for r in rows])
-        return {r[1]: (tuple(paths[r[0]]), tuple(round(x, 5) for x in r[2:6]),
-                       np.frombuffer(r[6], np.float32).round(5).tobytes()) for r in rows}
+        return {
+            r[1]: (
+                tuple(paths[r[0]]),
+                tuple(round(x, 5) for x in r[2:6]),
+                np.frombuffer(r[6], np.float32).round(5).tobytes(),
+            )
+            for r in rows
+        }
 
 
 def _faiss_agrees(store_dir: Path, settings) -> None:
@@ -72,12 +78,14 @@ def test_exact_duplicates_are_embedded_once_and_all_paths_recorded(tmp_path, set
         assert st.count_images() == 4
         image_id = st.resolve_image(str(files[0]))
         assert st.paths_of([image_id])[image_id] == sorted(
-            [str(files[0]), str(corpus / "sub" / "copy_a.png"), str(corpus / "copy_b.png")])
+            [str(files[0]), str(corpus / "sub" / "copy_a.png"), str(corpus / "copy_b.png")]
+        )
         assert st.counts(settings_for())["exact_duplicates"] == {"images": 1, "extra_paths": 2}
 
 
-def test_rerun_does_no_model_work_changed_content_is_reindexed_and_prune_drops(tmp_path, settings_for,
-                                                                               extractor) -> None:
+def test_rerun_does_no_model_work_changed_content_is_reindexed_and_prune_drops(
+    tmp_path, settings_for, extractor
+) -> None:
     corpus = tmp_path / "c"
     files = _corpus(corpus, 5)
     store = tmp_path / "store"
@@ -123,8 +131,18 @@ def test_rerun_over_1000_unchanged_files_takes_seconds(tmp_path, settings_for, e
     first = index_inputs(tmp_path / "store", [str(corpus)], settings_for(batch_size=64), extractor=extractor)
     assert first.new_images == 1000
     t0 = time.perf_counter()
-    p = run_cli("index", str(corpus), "--store", str(tmp_path / "store"), "--model", settings_for().model,
-                "--workers", "0", "--json", "--quiet")
+    p = run_cli(
+        "index",
+        str(corpus),
+        "--store",
+        str(tmp_path / "store"),
+        "--model",
+        settings_for().model,
+        "--workers",
+        "0",
+        "--json",
+        "--quiet",
+    )
     elapsed = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
@@ -153,15 +171,27 @@ def test_kill_9_at_several_points_then_rerun_equals_a_clean_build(tmp_path, sett
     want = _snapshot(clean)
 
     store = tmp_path / "store"
-    args = ["index", str(corpus), "--store", str(store), "--model", settings_for().model, "--workers", "1",
-            "--batch-size", "4", "--quiet"]
+    args = [
+        "index",
+        str(corpus),
+        "--store",
+        str(store),
+        "--model",
+        settings_for().model,
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
     # kill when: the store file exists, the first batch committed, about half committed, everything committed
     # (FAISS files being written), and finally at a fixed delay after start
     points = [lambda n: n >= 0, lambda n: n >= 1, lambda n: n >= 30, lambda n: n >= 60]
     committed_before = []
     for until in points:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "nsfw-index"), *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "nsfw-index"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None and not until(_store_count(store)):
             time.sleep(0.005)
@@ -209,8 +239,9 @@ def test_second_writer_exits_at_once_and_readers_keep_working(tmp_path, settings
     assert index_inputs(store, [str(corpus)], settings_for(), extractor=extractor).unchanged == 3
 
 
-def test_store_built_with_other_weights_or_preprocessing_is_refused_unless_rebuild(tmp_path, settings_for,
-                                                                                   extractor) -> None:
+def test_store_built_with_other_weights_or_preprocessing_is_refused_unless_rebuild(
+    tmp_path, settings_for, extractor
+) -> None:
     corpus = tmp_path / "c"
     _corpus(corpus, 3)
     store = tmp_path / "store"
@@ -257,19 +288,28 @@ def test_bad_files_never_stop_a_run(tmp_path, settings_for, extractor) -> None:
     assert s.new_images == 2
     with Store(tmp_path / "store", readonly=True) as st:
         errors = {Path(e["path"]).name: e for e in st.errors()}
-    assert set(errors) == {"text.jpg", "empty.png", "truncated.png", "big.png", "loop", "dangling.jpg",
-                           "missing-dir"}
+    assert set(errors) == {"text.jpg", "empty.png", "truncated.png", "big.png", "loop", "dangling.jpg", "missing-dir"}
     assert s.errors == 7
     assert errors["loop"]["kind"] == "symlink_loop"
     assert errors["big.png"]["kind"] == "too_large"
     assert "zero-byte" in errors["empty.png"]["reason"]
     assert errors["text.jpg"]["kind"] == "unsupported_format"
     # exit status: 0 while something was indexed, 1 when nothing could be
-    p = run_cli("index", str(corpus / "text.jpg"), "--store", str(tmp_path / "s2"), "--model", settings.model,
-                "--workers", "0", "--json")
+    p = run_cli(
+        "index",
+        str(corpus / "text.jpg"),
+        "--store",
+        str(tmp_path / "s2"),
+        "--model",
+        settings.model,
+        "--workers",
+        "0",
+        "--json",
+    )
     assert p.returncode == 1 and json.loads(p.stdout)["errors"] == 1
-    p = run_cli("index", str(corpus), "--store", str(tmp_path / "s3"), "--model", settings.model, "--workers", "0",
-                "--json")
+    p = run_cli(
+        "index", str(corpus), "--store", str(tmp_path / "s3"), "--model", settings.model, "--workers", "0", "--json"
+    )
     assert p.returncode == 0, p.stderr
 
 
@@ -283,8 +323,10 @@ def test_unreadable_directory_is_recorded(tmp_path) -> None:
         (base / "locked").mkdir()
         photo(2).save(base / "locked" / "b.png")
         os.chmod(base / "locked", 0o000)
-        code = ("import json, sys; from indexer.corpus import walk, WalkError; "
-                "print(json.dumps([[type(e).__name__, e.key] for e in walk([sys.argv[1]])]))")
+        code = (
+            "import json, sys; from indexer.corpus import walk, WalkError; "
+            "print(json.dumps([[type(e).__name__, e.key] for e in walk([sys.argv[1]])]))"
+        )
         cmd = [sys.executable, "-c", code, str(base)]
         if os.geteuid() == 0:
             setpriv = shutil.which("setpriv")

@@ -178,11 +178,13 @@ def test_missing_weights_say_how_to_get_them(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFound, match=r"hf download Freepik/nsfw_image_detector.*--model DIR"):
         load_model("Freepik/nsfw_image_detector")
-    with pytest.raises(ModelNotFound, match="model.safetensors"):
+    with pytest.raises(ModelNotFound, match=r"model\.safetensors"):
         load_model(str(tmp_path))
 
 
-def test_hub_cache_layout_is_resolved_offline(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_cache_layout_is_resolved_offline(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A checkpoint placed in the HF cache the way `hf download` leaves it is found with HF_HUB_OFFLINE=1."""
     cache = tmp_path / "hub"
     snap = cache / "models--Freepik--nsfw_image_detector" / "snapshots" / ("0" * 40)

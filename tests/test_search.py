@@ -167,8 +167,10 @@ def test_unsafe_index_updates_without_a_full_rebuild_and_agrees_after_a_crash(st
         snap = IndexFiles(st, settings).load("unsafe")
         assert target in set(index_ids(snap.index).tolist())
         # a label committed by a writer that died before updating the FAISS file:
-        st.db.execute("INSERT INTO labels (sha256, label, who, at) SELECT sha256, 'safe', 't', 'now' FROM images "
-                      "WHERE id = ?", [target])
+        st.db.execute(
+            "INSERT INTO labels (sha256, label, who, at) SELECT sha256, 'safe', 't', 'now' FROM images WHERE id = ?",
+            [target],
+        )
         st.db.conn.commit()
     s = Searcher(store, settings)
     with Store(store, readonly=True) as st:
@@ -178,7 +180,6 @@ def test_unsafe_index_updates_without_a_full_rebuild_and_agrees_after_a_crash(st
 
 
 def test_hash_list_matches_reencoded_copies_without_their_images(tmp_path, settings_for, extractor) -> None:
-    settings = settings_for()
     originals = [photo(700 + i, (256, 192)) for i in range(3)]
     listed = tmp_path / "list.csv"
     rows = ["id,hash,note"] + [f"{i},{compute_pdq(im)[0]},x" for i, im in enumerate(originals[:2])] + ["9,zz,bad"]
@@ -223,8 +224,20 @@ def test_hash_list_matches_reencoded_copies_without_their_images(tmp_path, setti
 def test_query_cli_json_contract(store, corpus, settings_for) -> None:
     fam = corpus / "families"
     label_images(store, [str(fam / "fam1.png")], "unsafe", settings_for())
-    p = run_cli("query", str(fam / "fam1_q70.jpg"), str(corpus / "nope.png"), "--store", str(store), "--model",
-                settings_for().model, "--json", "-k", "3", "--threshold", "0.95")
+    p = run_cli(
+        "query",
+        str(fam / "fam1_q70.jpg"),
+        str(corpus / "nope.png"),
+        "--store",
+        str(store),
+        "--model",
+        settings_for().model,
+        "--json",
+        "-k",
+        "3",
+        "--threshold",
+        "0.95",
+    )
     assert p.returncode == 1  # one of the two failed
     good, bad = (json.loads(line) for line in p.stdout.splitlines())
     assert set(bad) == {"path", "error"}
@@ -239,8 +252,18 @@ def test_query_cli_json_contract(store, corpus, settings_for) -> None:
     me = _id(store, fam / "fam1_q70.jpg")
     assert good["indexed_id"] == me
     assert {d["id"] for d in good["near_duplicates"]} >= {_id(store, fam / "fam1.png"), me}
-    human = run_cli("query", str(fam / "fam1_q70.jpg"), "--store", str(store), "--model", settings_for().model,
-                    "--json", "--source", "human", check=True)
+    human = run_cli(
+        "query",
+        str(fam / "fam1_q70.jpg"),
+        "--store",
+        str(store),
+        "--model",
+        settings_for().model,
+        "--json",
+        "--source",
+        "human",
+        check=True,
+    )
     assert [n["id"] for n in json.loads(human.stdout)["nearest_unsafe"]] == [_id(store, fam / "fam1.png")]
 
 
@@ -264,15 +287,22 @@ def test_approximate_index_factory_is_stored_checked_and_measured(store, setting
 
 
 def test_search_imports_without_torch() -> None:
-    code = ("import sys; import search.query, search.store, search.vectors, search.labels, search.stats, "
-            "search.export, search.pdq, search.service; "
-            "import importlib.util; "
-            "importlib.util.find_spec('search.clusters') and importlib.import_module('search.clusters'); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    code = (
+        "import sys; import search.query, search.store, search.vectors, search.labels, search.stats, "
+        "search.export, search.pdq, search.service; "
+        "import importlib.util; "
+        "importlib.util.find_spec('search.clusters') and importlib.import_module('search.clusters'); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')"
+    )
     import importlib  # noqa: F401
 
-    out = subprocess.run([sys.executable, "-c", "import importlib; " + code], capture_output=True, text=True,
-                         cwd=str(Path(__file__).parent.parent), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", "import importlib; " + code],
+        capture_output=True,
+        text=True,
+        cwd=str(Path(__file__).parent.parent),
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -284,7 +314,9 @@ def test_settings_flags_beat_env_beat_defaults(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError):
         Settings(nsfw_threshold=2)
     assert Settings(api_keys="a:read+label,b").parsed_api_keys() == {
-        "a": frozenset({"read", "label"}), "b": frozenset({"read", "write", "label", "read_paths"})}
+        "a": frozenset({"read", "label"}),
+        "b": frozenset({"read", "write", "label", "read_paths"}),
+    }
     with pytest.raises(ValueError, match="unknown API key right"):
         Settings(api_keys="a:fly").parsed_api_keys()
 
