@@ -144,19 +144,24 @@ def _print_score_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("path", "level", "nsfw", "neutral", "low", "medium", "high")
+    table = Table("level", "nsfw", "neutral", "low", "medium", "high")
+    table.add_column("path", overflow="fold")  # last, and never cut: users copy paths out of this table
     for r in rows:
         if "error" in r:
-            table.add_row(r["path"], "[red]error[/red]", "", r["error"], "", "", "")
+            table.add_row("[red]error[/red]", "", "", "", "", "", f"{r['path']}: {r['error']}")
             continue
         s = r["scores"]
         table.add_row(
-            r["path"],
             r["level"],
             "yes" if r["is_nsfw"] else "no",
             *(f"{s[k]:.3f}" for k in ("neutral", "low", "medium", "high")),
+            r["path"],
         )
-    Console(soft_wrap=True).print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: wide enough that no path is folded
+        console = Console(width=max(100, 60 + max((len(r["path"]) + len(r.get("error", "")) for r in rows),
+                                                  default=0)))
+    console.print(table)
 
 
 @cli.command()

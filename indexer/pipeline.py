@@ -8,7 +8,7 @@ import multiprocessing as mp
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -239,10 +239,12 @@ class Indexer:
         bs = self.settings.batch_size
         window = bs * 3  # decodes in flight: the next batches decode while the model runs on this one
         tars = TarReader()
-        bar = self._bar()
+        entries = self._list_inputs(inputs)
+        bar = self._bar(len(entries))
         self._pool = self._executor()
         try:
-            for entry in self._timed_walk(inputs):
+            for entry in entries:
+                bar.set_postfix(errors=self.summary.errors, refresh=False)
                 if isinstance(entry, WalkError):
                     self._error(entry.key, entry.reason, entry.kind)
                     seen_keys.add(entry.key)
@@ -284,7 +286,6 @@ class Indexer:
                 ):
                     self._drain(bs)
                 self._flush_dups(force=False)
-                bar.set_postfix(errors=self.summary.errors, refresh=False)
             while self._queue:
                 self._drain(bs)
             self._flush_dups(force=True)
@@ -295,21 +296,15 @@ class Indexer:
                     p, im = self.store.prune(seen_keys, [r for r in roots if not r.startswith("@")] or None)
                 self.summary.pruned_paths, self.summary.pruned_images = p, im
         finally:
+            bar.set_postfix(errors=self.summary.errors)
             bar.close()
             tars.close()
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _timed_walk(self, inputs: Sequence[str]) -> Iterable[Item | WalkError]:
-        it = iter(walk(inputs, all_files=self.all_files))
-        while True:
-            t0 = time.perf_counter()
-            try:
-                entry = next(it)
-            except StopIteration:
-                self.timer.add("walk", time.perf_counter() - t0)
-                return
-            self.timer.add("walk", time.perf_counter() - t0)
-            yield entry
+    def _list_inputs(self, inputs: Sequence[str]) -> list[Item | WalkError]:
+        """The whole walk up front: cheap next to decoding, and it gives the progress bar a total and an ETA."""
+        with self.timer.stage("walk"):
+            return list(walk(inputs, all_files=self.all_files))
 
     def _route(self, item: Item, sha: str, data: bytes) -> None:
         """Known content: just record the path. In flight: attach. New: submit a decode."""
@@ -420,11 +415,13 @@ class Indexer:
             IndexFiles(self.store, self.settings).open_all(persist=True)
         self._last_faiss = time.monotonic()
 
-    def _bar(self) -> Any:
+    def _bar(self, total: int) -> Any:
+        """images/s, ETA and the error count on a terminal; nothing with --quiet or when stdout is not a TTY."""
         from tqdm import tqdm
 
         return tqdm(
-            desc="indexing", unit="img", disable=not (self.progress and sys.stdout.isatty()), dynamic_ncols=True
+            total=total, desc="indexing", unit="img", dynamic_ncols=True,
+            disable=not (self.progress and sys.stdout.isatty()),
         )
 
 
