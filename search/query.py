@@ -12,7 +12,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from search.errors import InvalidArgument
+from search.errors import IndexMismatch, InvalidArgument
 from search.pdq import HashMatcher
 from search.settings import Settings
 from search.store import SOURCES, Store
@@ -78,7 +78,11 @@ class Searcher:
             ):
                 self._all = self.files.open_all(persist=self.persist)  # the newer snapshot, caught up
             else:
-                self.files.catch_up_all(self._all)
+                try:
+                    self.files.catch_up_all(self._all)
+                except IndexMismatch as e:  # never serve an index that disagrees with SQLite
+                    log.warning("%s: reloading", e)
+                    self._all = self.files.open_all(persist=self.persist)
             set_search_params(self._all.index, self.settings)
             self._unsafe_map = self.store.known_unsafe(self.settings)
             snap = self._unsafe

@@ -39,8 +39,9 @@ MIGRATIONS: list[str] = [
         id INTEGER PRIMARY KEY, kind TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT,
         status TEXT NOT NULL, args TEXT, counts TEXT, timings TEXT
     );
+    -- AUTOINCREMENT: an id is never reused after its image is dropped (API clients and clusters hold ids)
     CREATE TABLE images (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         sha256 TEXT NOT NULL UNIQUE,
         size INTEGER NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, format TEXT NOT NULL,
         p_neutral REAL NOT NULL, p_low REAL NOT NULL, p_medium REAL NOT NULL, p_high REAL NOT NULL,

@@ -19,10 +19,13 @@ SMALL_MODEL_ARGS = {"img_size": 56, "embed_dim": 64, "depth": 2, "num_heads": 2}
 LABELS = ["neutral", "low", "medium", "high"]
 
 
-def make_checkpoint(directory: Path, *, layout: str = "prefixed", seed: int = 0, num_classes: int = 4) -> Path:
+def make_checkpoint(
+    directory: Path, *, layout: str = "prefixed", seed: int = 0, num_classes: int = 4, full_size: bool = False
+) -> Path:
     """Write config.json + model.safetensors with transformers' TimmWrapperForImageClassification.save_pretrained.
 
     layout "prefixed": keys `timm_model.*` as transformers 5 writes them; "bare": plain timm keys as 4.x wrote them.
+    full_size: the real architecture at 448x448 (random weights: for timing the real compute, never for answers).
     """
     import timm
     import torch
@@ -31,13 +34,14 @@ def make_checkpoint(directory: Path, *, layout: str = "prefixed", seed: int = 0,
 
     pretrained_cfg = dict(timm.models.get_pretrained_cfg(ARCH).to_dict())
     pretrained_cfg.pop("num_classes", None)
-    pretrained_cfg["input_size"] = (3, SMALL_MODEL_ARGS["img_size"], SMALL_MODEL_ARGS["img_size"])
+    if not full_size:
+        pretrained_cfg["input_size"] = (3, SMALL_MODEL_ARGS["img_size"], SMALL_MODEL_ARGS["img_size"])
     config = TimmWrapperConfig(
         architecture=ARCH,
         num_labels=num_classes,
         label_names=(LABELS if num_classes == 4 else [f"c{i}" for i in range(num_classes)]),
         pretrained_cfg=pretrained_cfg,
-        model_args=SMALL_MODEL_ARGS,
+        model_args=None if full_size else SMALL_MODEL_ARGS,
     )
     torch.manual_seed(seed)
     model = TimmWrapperForImageClassification(config)
