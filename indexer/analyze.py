@@ -14,7 +14,7 @@ from indexer.extractor import Extractor, ImageResult
 from search.errors import InvalidImage
 from search.pdq import compute_pdq
 from search.query import Searcher
-from search.settings import LEVELS, Settings
+from search.settings import Settings
 from search.store import ImageRecord
 
 
@@ -29,19 +29,9 @@ class Analysis:
     result: ImageResult
 
     def record(self) -> ImageRecord:
-        r = self.result
-        return ImageRecord(
-            sha256=self.sha256,
-            size=self.size,
-            width=self.decoded.width,
-            height=self.decoded.height,
-            format=self.decoded.format,
-            probabilities=[r.probabilities[k] for k in LEVELS],
-            scores=[r.scores[k] for k in LEVELS],
-            level=r.level,
-            embedding=r.embedding,
-            pdq=self.pdq,
-            pdq_quality=self.pdq_quality,
+        return self.result.to_record(
+            sha256=self.sha256, size=self.size, width=self.decoded.width, height=self.decoded.height,
+            format=self.decoded.format, pdq=self.pdq, pdq_quality=self.pdq_quality,
         )
 
 

@@ -15,7 +15,8 @@ from indexer.hooks import PooledFeatureHook
 from indexer.model import LoadedModel, ModelIdentity, load_model
 from search.errors import InvalidArgument
 from search.scores import as_level_dict, cumulative_scores, is_nsfw, level_of
-from search.settings import Settings
+from search.settings import LEVELS, Settings
+from search.store import ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ class ImageResult:
     level: str
     is_nsfw: bool
     embedding: np.ndarray  # float32, L2-normalised
+
+    def to_record(
+        self, *, sha256: str, size: int, width: int, height: int, format: str, pdq: str | None, pdq_quality: int | None
+    ) -> ImageRecord:
+        """The store row for this result and the image facts the decoder found."""
+        return ImageRecord(
+            sha256=sha256, size=size, width=width, height=height, format=format,
+            probabilities=[self.probabilities[k] for k in LEVELS], scores=[self.scores[k] for k in LEVELS],
+            level=self.level, embedding=self.embedding, pdq=pdq, pdq_quality=pdq_quality,
+        )
 
     def as_json(self, with_embedding: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -26,7 +26,7 @@ from indexer.extractor import Extractor
 from search.errors import InvalidImage
 from search.labels import list_matcher, stored_match_distance
 from search.pdq import HashMatcher, compute_pdq
-from search.settings import LEVELS, Settings
+from search.settings import Settings
 from search.store import ImageRecord, Store
 from search.vectors import IndexFiles
 
@@ -339,21 +339,8 @@ class Indexer:
             with self.timer.stage("model"):
                 results = self.ex.run(torch.from_numpy(np.stack([d.tensor for _, d in good])))
             for (p, d), r in zip(good, results, strict=True):
-                records.append(
-                    ImageRecord(
-                        sha256=p.sha,
-                        size=p.size,
-                        width=d.width,
-                        height=d.height,
-                        format=d.format,
-                        probabilities=[r.probabilities[k] for k in LEVELS],
-                        scores=[r.scores[k] for k in LEVELS],
-                        level=r.level,
-                        embedding=r.embedding,
-                        pdq=d.pdq,
-                        pdq_quality=d.pdq_quality,
-                    )
-                )
+                records.append(r.to_record(sha256=p.sha, size=p.size, width=d.width, height=d.height,
+                                           format=d.format, pdq=d.pdq, pdq_quality=d.pdq_quality))
                 paths.extend((it.key, p.sha, it.size, it.mtime_ns) for it in p.paths)
                 self.summary.new_images += 1
                 self.summary.duplicate_paths += len(p.paths) - 1
