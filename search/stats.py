@@ -55,10 +55,7 @@ def store_stats(store_dir: Path, settings: Settings, *, recall_sample: int = 200
             "model": f"{settings.nsfw_level} >= {settings.nsfw_threshold}",
             "hash_list_max_distance": settings.pdq_max_distance,
         }
-        try:
-            from search.clusters import cluster_summary
+        from search.clusters import cluster_summary
 
-            data["clusters"] = cluster_summary(store)
-        except ImportError:  # pragma: no cover - until clustering lands
-            data["clusters"] = None
+        data["clusters"] = cluster_summary(store, settings)
         return data
