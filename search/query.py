@@ -73,7 +73,7 @@ class Searcher:
             gen_now = dict(token[-1])
             if (
                 self._all is None
-                or gen_now.get("all") != self._all.generation
+                or (gen_now.get("all") or 0) != self._all.generation
                 or token[2] != (self._token or (0,) * 3)[2]
             ):
                 self._all = self.files.open_all(persist=self.persist)  # the newer snapshot, caught up
@@ -86,7 +86,7 @@ class Searcher:
             set_search_params(self._all.index, self.settings)
             self._unsafe_map = self.store.known_unsafe(self.settings)
             snap = self._unsafe
-            if snap is None or gen_now.get("unsafe") != snap.generation:
+            if snap is None or (gen_now.get("unsafe") or 0) != snap.generation:
                 snap = self.files.load("unsafe")
             self._unsafe, added, removed = self.files.sync_unsafe(snap, set(self._unsafe_map))
             if self.persist and (added or removed):
