@@ -28,8 +28,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: generate the tiny test checkpoint)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--full-size", action="store_true",
-                    help="generate the real EVA-02 base 448 architecture (random weights) to time the real compute")
+    ap.add_argument(
+        "--full-size",
+        action="store_true",
+        help="generate the real EVA-02 base 448 architecture (random weights) to time the real compute",
+    )
     args = ap.parse_args()
 
     from conftest import make_checkpoint, photo
@@ -48,8 +51,10 @@ def main() -> None:
             photo(i, (w, h)).save(corpus / f"{i:05d}.jpg", quality=90)
         results = {}
         ex = Extractor.from_settings(Settings(model=model, device="cpu"))
-        for name, workers in (("in-process decode (baseline)", 0), (f"pipelined, {args.workers} decode workers",
-                                                                   args.workers)):
+        for name, workers in (
+            ("in-process decode (baseline)", 0),
+            (f"pipelined, {args.workers} decode workers", args.workers),
+        ):
             s = Settings(model=model, device="cpu", workers=workers, batch_size=args.batch_size)
             t0 = time.perf_counter()
             summary = index_inputs(t / f"store{workers}", [str(corpus)], s, extractor=ex)
@@ -58,13 +63,23 @@ def main() -> None:
             again = index_inputs(t / f"store{workers}", [str(corpus)], s, extractor=ex)
             rerun = time.perf_counter() - t1
             assert summary.new_images == args.n and again.unchanged == args.n
-            results[name] = {"seconds": round(dt, 2), "images_per_s": round(args.n / dt, 2),
-                             "rerun_seconds": round(rerun, 3), "stages": summary.timings}
+            results[name] = {
+                "seconds": round(dt, 2),
+                "images_per_s": round(args.n / dt, 2),
+                "rerun_seconds": round(rerun, 3),
+                "stages": summary.timings,
+            }
         base, piped = list(results.values())
         what = "EVA-02 base 448, random weights" if args.full_size else "tiny test checkpoint (random weights)"
-        out = {"n": args.n, "size": args.size, "model": args.model or what, "batch_size": args.batch_size,
-               "cpu_count": os.cpu_count(), "results": results,
-               "speedup_pipelined_vs_baseline": round(piped["images_per_s"] / base["images_per_s"], 2)}
+        out = {
+            "n": args.n,
+            "size": args.size,
+            "model": args.model or what,
+            "batch_size": args.batch_size,
+            "cpu_count": os.cpu_count(),
+            "results": results,
+            "speedup_pipelined_vs_baseline": round(piped["images_per_s"] / base["images_per_s"], 2),
+        }
     print(f"{'variant':<36} {'img/s':>8} {'seconds':>8} {'unchanged re-run s':>19}")
     for name, r in results.items():
         print(f"{name:<36} {r['images_per_s']:>8} {r['seconds']:>8} {r['rerun_seconds']:>19}")

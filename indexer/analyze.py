@@ -30,8 +30,13 @@ class Analysis:
 
     def record(self) -> ImageRecord:
         return self.result.to_record(
-            sha256=self.sha256, size=self.size, width=self.decoded.width, height=self.decoded.height,
-            format=self.decoded.format, pdq=self.pdq, pdq_quality=self.pdq_quality,
+            sha256=self.sha256,
+            size=self.size,
+            width=self.decoded.width,
+            height=self.decoded.height,
+            format=self.decoded.format,
+            pdq=self.pdq,
+            pdq_quality=self.pdq_quality,
         )
 
 

@@ -159,8 +159,7 @@ def _print_score_table(rows: list[dict[str, Any]]) -> None:
         )
     console = Console()
     if not console.is_terminal:  # piped: wide enough that no path is folded
-        console = Console(width=max(100, 60 + max((len(r["path"]) + len(r.get("error", "")) for r in rows),
-                                                  default=0)))
+        console = Console(width=max(100, 60 + max((len(r["path"]) + len(r.get("error", "")) for r in rows), default=0)))
     console.print(table)
 
 

@@ -36,9 +36,17 @@ class ImageResult:
     ) -> ImageRecord:
         """The store row for this result and the image facts the decoder found."""
         return ImageRecord(
-            sha256=sha256, size=size, width=width, height=height, format=format,
-            probabilities=[self.probabilities[k] for k in LEVELS], scores=[self.scores[k] for k in LEVELS],
-            level=self.level, embedding=self.embedding, pdq=pdq, pdq_quality=pdq_quality,
+            sha256=sha256,
+            size=size,
+            width=width,
+            height=height,
+            format=format,
+            probabilities=[self.probabilities[k] for k in LEVELS],
+            scores=[self.scores[k] for k in LEVELS],
+            level=self.level,
+            embedding=self.embedding,
+            pdq=pdq,
+            pdq_quality=pdq_quality,
         )
 
     def as_json(self, with_embedding: bool = False) -> dict[str, Any]:

@@ -339,8 +339,17 @@ class Indexer:
             with self.timer.stage("model"):
                 results = self.ex.run(torch.from_numpy(np.stack([d.tensor for _, d in good])))
             for (p, d), r in zip(good, results, strict=True):
-                records.append(r.to_record(sha256=p.sha, size=p.size, width=d.width, height=d.height,
-                                           format=d.format, pdq=d.pdq, pdq_quality=d.pdq_quality))
+                records.append(
+                    r.to_record(
+                        sha256=p.sha,
+                        size=p.size,
+                        width=d.width,
+                        height=d.height,
+                        format=d.format,
+                        pdq=d.pdq,
+                        pdq_quality=d.pdq_quality,
+                    )
+                )
                 paths.extend((it.key, p.sha, it.size, it.mtime_ns) for it in p.paths)
                 self.summary.new_images += 1
                 self.summary.duplicate_paths += len(p.paths) - 1
@@ -407,7 +416,10 @@ class Indexer:
         from tqdm import tqdm
 
         return tqdm(
-            total=total, desc="indexing", unit="img", dynamic_ncols=True,
+            total=total,
+            desc="indexing",
+            unit="img",
+            dynamic_ncols=True,
             disable=not (self.progress and sys.stdout.isatty()),
         )
 

@@ -41,8 +41,9 @@ def test_score_json_lines_table_and_exit_status(tmp_path: Path, checkpoint: Path
     assert ok.returncode == 0 and "embedding" not in json.loads(ok.stdout)
     table = run_cli("score", str(a), str(b), "--model", str(checkpoint))
     assert table.returncode == 0 and "a.png" in table.stdout and "medium" in table.stdout
-    strict = run_cli("score", str(a), "--model", str(checkpoint), "--json", "--nsfw-level", "high",
-                     "--nsfw-threshold", "1.0")
+    strict = run_cli(
+        "score", str(a), "--model", str(checkpoint), "--json", "--nsfw-level", "high", "--nsfw-threshold", "1.0"
+    )
     assert json.loads(strict.stdout)["is_nsfw"] is (json.loads(strict.stdout)["scores"]["high"] >= 1.0)
 
 
@@ -61,8 +62,7 @@ def test_usage_and_model_errors_exit_2_with_a_message(tmp_path: Path) -> None:
 def test_store_from_the_environment(tmp_path: Path, checkpoint: Path) -> None:
     (tmp_path / "c").mkdir()
     photo(3).save(tmp_path / "c" / "x.png")
-    env = {"NSFW_INDEX_STORE": str(tmp_path / "store"), "NSFW_INDEX_MODEL": str(checkpoint),
-           "NSFW_INDEX_WORKERS": "0"}
+    env = {"NSFW_INDEX_STORE": str(tmp_path / "store"), "NSFW_INDEX_MODEL": str(checkpoint), "NSFW_INDEX_WORKERS": "0"}
     run_cli("index", str(tmp_path / "c"), "--quiet", env=env, check=True)
     p = run_cli("stats", "--json", env=env, check=True)
     assert json.loads(p.stdout)["images"] == 1

@@ -34,7 +34,6 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
 
 def test_every_route_is_documented(tmp_path: Path) -> None:
     from api.app import create_app
-
     from search.settings import Settings
 
     app = create_app(Settings(store=tmp_path / "store"))
