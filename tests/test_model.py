@@ -202,3 +202,13 @@ def test_hub_cache_layout_is_resolved_offline(
     loaded = load_model("Freepik/nsfw_image_detector")
     assert loaded.identity.source == "Freepik/nsfw_image_detector"
     assert loaded.identity.architecture == ARCH
+
+
+def test_safetensors_file_with_arch_loads_the_same_model(checkpoint: Path) -> None:
+    """`--model FILE.safetensors --arch ARCH`: the file's own config.json beside it still supplies model_args."""
+    by_dir = load_model(str(checkpoint))
+    by_file = load_model(str(checkpoint / "model.safetensors"), arch=ARCH)
+    assert by_file.identity.weights_sha256 == by_dir.identity.weights_sha256
+    x = _batch(by_dir, 2)
+    with torch.no_grad():
+        assert torch.equal(by_dir.model(x), by_file.model(x))
