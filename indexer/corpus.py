@@ -68,20 +68,39 @@ def walk(inputs: Iterable[str], *, all_files: bool = False) -> Iterator[Item | W
             yield WalkError(path, "not a regular file, directory or tar shard", "invalid")
 
 
-def _walk_list(list_file: str, *, all_files: bool) -> Iterator[Item | WalkError]:
+def list_entries(list_file: str) -> list[str]:
+    """The paths a `@list.txt` names (relative ones against the list's directory); OSError if unreadable."""
     lf = _abs(list_file)
-    try:
-        with open(lf, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f]
-    except (OSError, UnicodeDecodeError) as e:
-        yield WalkError(lf, f"cannot read the list file: {e}")
-        return
+    with open(lf, encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f]
     base = os.path.dirname(lf)
-    entries = [
+    return [
         ln if os.path.isabs(os.path.expanduser(ln)) else os.path.join(base, ln)
         for ln in lines
         if ln and not ln.startswith("#")
     ]
+
+
+def roots(inputs: Iterable[str]) -> list[str]:
+    """The absolute paths the inputs cover (a list file covers what it names): the scope of `--prune`."""
+    out: list[str] = []
+    for raw in inputs:
+        if raw.startswith("@"):
+            try:
+                out.extend(roots(list_entries(raw[1:])))
+            except (OSError, UnicodeDecodeError):
+                continue  # an unreadable list covers nothing: prune nothing on its behalf
+        else:
+            out.append(_abs(raw))
+    return out
+
+
+def _walk_list(list_file: str, *, all_files: bool) -> Iterator[Item | WalkError]:
+    try:
+        entries = list_entries(list_file)
+    except (OSError, UnicodeDecodeError) as e:
+        yield WalkError(_abs(list_file), f"cannot read the list file: {e}")
+        return
     yield from walk(entries, all_files=all_files)
 
 

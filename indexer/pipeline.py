@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from indexer.corpus import Item, TarReader, WalkError, read_item, walk
+from indexer.corpus import roots as corpus_roots
 from indexer.decode import (
     decode_image,
     read_image_file,  # noqa: F401  (re-exported for callers that decode one file)
@@ -291,9 +292,9 @@ class Indexer:
             self._flush_dups(force=True)
             self._flush_errors()
             if prune:
-                roots = [i if i.startswith("@") else _abs(i) for i in inputs]
                 with self.timer.stage("prune"):
-                    p, im = self.store.prune(seen_keys, [r for r in roots if not r.startswith("@")] or None)
+                    # only below what the inputs cover: pruning one folder never forgets another
+                    p, im = self.store.prune(seen_keys, corpus_roots(inputs))
                 self.summary.pruned_paths, self.summary.pruned_images = p, im
         finally:
             bar.set_postfix(errors=self.summary.errors)
@@ -423,8 +424,3 @@ class Indexer:
             disable=not (self.progress and sys.stdout.isatty()),
         )
 
-
-def _abs(p: str) -> str:
-    import os
-
-    return os.path.abspath(os.path.expanduser(p))

@@ -468,7 +468,7 @@ class Store:
         return len(orphans)
 
     def prune(self, keep: set[str], under: Sequence[str] | None = None) -> tuple[int, int]:
-        """Drop paths not in `keep` (only those below one of `under`, when given). Returns (paths, images) dropped."""
+        """Drop paths not in `keep` below one of `under` (None: anywhere). Returns (paths, images) dropped."""
         with self.transaction() as conn:
             gone = [p for (p,) in conn.execute("SELECT path FROM paths") if p not in keep and _below(p, under)]
             for i in range(0, len(gone), 500):
@@ -722,7 +722,8 @@ def _statements(script: str) -> list[str]:
 
 
 def _below(path: str, roots: Sequence[str] | None) -> bool:
-    if not roots:
+    """Is `path` one of `roots` or inside one (a directory, or a tar shard's members)? None covers everything."""
+    if roots is None:
         return True
     return any(path == r or path.startswith(r.rstrip("/") + "/") or path.startswith(r + "::") for r in roots)
 

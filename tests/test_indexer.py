@@ -422,3 +422,25 @@ def test_damaged_faiss_file_is_rebuilt_not_served(tmp_path, settings_for, extrac
     (store / "faiss" / "all.manifest.json").write_text(json.dumps(manifest))
     with Store(store) as st:
         assert IndexFiles(st, settings_for()).load("all") is None
+
+
+def test_prune_only_forgets_what_the_inputs_cover(tmp_path, settings_for, extractor) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    fa = _corpus(a, 2)
+    fb = _corpus(b, 2, start=10)
+    store = tmp_path / "store"
+    index_inputs(store, [str(a), str(b)], settings_for(), extractor=extractor)
+    fa[0].unlink()
+    fb[0].unlink()
+    lst = tmp_path / "b.txt"
+    lst.write_text(f"{fb[1]}\n")
+    # a list file covers exactly what it names: b's vanished file is not in it, a's folder is not touched
+    s = index_inputs(store, ["@" + str(lst)], settings_for(), prune=True, extractor=extractor)
+    assert s.pruned_paths == 0
+    s = index_inputs(store, [str(b)], settings_for(), prune=True, extractor=extractor)
+    assert s.pruned_paths == 1
+    with Store(store, readonly=True) as st:
+        assert st.path_state(str(fb[0])) is None
+        assert st.path_state(str(fa[0])) is not None  # folder a was not an input: nothing there is forgotten
+    s = index_inputs(store, ["@" + str(tmp_path / "missing.txt")], settings_for(), prune=True, extractor=extractor)
+    assert s.pruned_paths == 0 and s.errors == 1
