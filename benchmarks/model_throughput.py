@@ -45,9 +45,10 @@ def main() -> None:
             row: dict[str, object] = {"batch": bs}
             ref = None
             for dtype in ("fp32", "bf16"):
-                ex = Extractor(load_model(model) if dtype == "bf16" else loaded,
-                               Settings(model=model, device=args.device, dtype=dtype, batch_size=bs,
-                                        threads=args.threads))
+                ex = Extractor(
+                    load_model(model) if dtype == "bf16" else loaded,
+                    Settings(model=model, device=args.device, dtype=dtype, batch_size=bs, threads=args.threads),
+                )
                 if tensors is None:
                     tensors = torch.stack([ex.preprocess(photo(i, (640, 480))) for i in range(max(8, bs))])
                 x = tensors[:bs]
@@ -64,13 +65,19 @@ def main() -> None:
                 if ref is None:
                     ref = res
                 else:
-                    row["bf16_min_cosine_to_fp32"] = round(min(float(a.embedding @ b.embedding)
-                                                               for a, b in zip(ref, res, strict=True)), 5)
+                    row["bf16_min_cosine_to_fp32"] = round(
+                        min(float(a.embedding @ b.embedding) for a, b in zip(ref, res, strict=True)), 5
+                    )
             row["bf16_over_fp32"] = round(float(row["bf16_img_per_s"]) / float(row["fp32_img_per_s"]), 2)
             rows.append(row)
             print(row, flush=True)
-    out = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "model": args.model or "EVA-02 base 448, random weights", "rows": rows}
+    out = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": args.model or "EVA-02 base 448, random weights",
+        "rows": rows,
+    }
     (ROOT / "benchmarks" / "out").mkdir(exist_ok=True)
     (ROOT / "benchmarks" / "out" / "model_throughput.json").write_text(json.dumps(out, indent=1))
 

@@ -423,4 +423,3 @@ class Indexer:
             dynamic_ncols=True,
             disable=not (self.progress and sys.stdout.isatty()),
         )
-
