@@ -25,8 +25,8 @@ from indexer.decode import (
 )
 from indexer.extractor import Extractor
 from search.errors import InvalidImage
-from search.labels import list_matcher, stored_match_distance
-from search.pdq import HashMatcher, compute_pdq
+from search.labels import stored_match_distance
+from search.pdq import compute_pdq
 from search.settings import Settings
 from search.store import ImageRecord, Store
 from search.vectors import IndexFiles
@@ -172,7 +172,6 @@ class Indexer:
         self._dup_paths: list[tuple[str, str, int | None, int | None]] = []
         self._in_flight: dict[str, _Pending] = {}
         self._queue: deque[_Pending] = deque()
-        self._matcher: HashMatcher | None = None
         self._last_faiss = time.monotonic()
         self._pool: Executor = _InlineExecutor()
 
@@ -186,7 +185,6 @@ class Indexer:
             self._drop_all_images()
         self.store.check_model(ident, adopt=rebuild)
         self.summary.run_id = self.store.begin_run("index", args or {"inputs": list(inputs)})
-        self._matcher = self._build_matcher()
         status = "failed"
         try:
             self._index(inputs, prune=prune)
@@ -218,9 +216,6 @@ class Indexer:
             conn.execute("DELETE FROM paths")
             conn.execute("DELETE FROM errors")
             self.store._drop_orphans(conn)
-
-    def _build_matcher(self) -> HashMatcher | None:
-        return list_matcher(self.store)
 
     def _executor(self) -> Executor:
         n = self.settings.resolved_workers()
@@ -360,8 +355,7 @@ class Indexer:
                 records,
                 paths + self._take_dups(),
                 self._take_errors(),
-                matcher=self._matcher,
-                max_distance=stored_match_distance(self.settings),
+                match_distance=stored_match_distance(self.settings),
             )
         self._maybe_checkpoint_faiss()
 

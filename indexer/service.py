@@ -7,7 +7,7 @@ from pathlib import Path
 from indexer.analyze import Analysis
 from indexer.extractor import Extractor
 from indexer.pipeline import Indexer, RunSummary
-from search.labels import list_matcher, stored_match_distance
+from search.labels import stored_match_distance
 from search.settings import Settings
 from search.store import Store
 from search.vectors import make_index
@@ -73,14 +73,12 @@ def add_image(
             existing = store.ids_by_sha([analysis.sha256])
             if existing:
                 return existing[analysis.sha256], False
-            matcher = list_matcher(store)
             run_id = store.begin_run(run_kind, {"sha256": analysis.sha256})
             ids = store.write_batch(
                 run_id,
                 [analysis.record()],
                 [(f"upload://{analysis.sha256}", analysis.sha256, analysis.size, None)],
-                matcher=matcher,
-                max_distance=stored_match_distance(settings),
+                match_distance=stored_match_distance(settings),
             )
             store.finish_run(run_id, "done", {"new_images": 1}, {})
             return ids[analysis.sha256], True

@@ -25,16 +25,6 @@ def stored_match_distance(settings: Settings) -> int:
     return max(STORED_MATCH_DISTANCE, settings.pdq_max_distance)
 
 
-def list_matcher(store: Store) -> HashMatcher | None:
-    """A matcher over every imported hash-list entry (ids = list_hashes ids), or None without lists."""
-    rows = store.db.execute("SELECT id, hash FROM list_hashes").fetchall()
-    if not rows:
-        return None
-    m = HashMatcher()
-    m.add([r[0] for r in rows], [r[1] for r in rows])
-    return m
-
-
 def default_who() -> str:
     with contextlib.suppress(Exception):
         return getpass.getuser()

@@ -213,6 +213,8 @@ class Store:
                 )
             self.root.mkdir(parents=True, exist_ok=True)
         self.readonly = readonly
+        self._lists_key: tuple[int, ...] | None = None
+        self._lists_matcher: HashMatcher | None = None
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
@@ -376,15 +378,16 @@ class Store:
         paths: Sequence[tuple[str, str, int | None, int | None]],
         errors: Sequence[tuple[str, str, str]] = (),
         *,
-        matcher: HashMatcher | None = None,
-        max_distance: int = 31,
+        match_distance: int = 64,
     ) -> dict[str, int]:
         """Insert new images, then point paths (path, sha256, size, mtime_ns) at them, in one transaction.
 
         Returns sha256 -> id for every sha the batch touched. Idempotent: an image whose sha is already stored is
         not written again. A path that now holds other content is re-pointed; successful paths lose their error; a
-        path that fails now no longer points at its old content. New images are matched against `matcher` (imported
-        PDQ hash lists) in the same transaction, so a crash never leaves an image without its matches.
+        path that fails now no longer points at its old content. New images are matched against every imported PDQ
+        hash list (up to `match_distance`) read inside the same transaction: a crash never leaves an image without
+        its matches, and a list imported while an index run goes on is never missed (the import matches what was
+        committed before it, this matches what the import committed).
         """
         now = utcnow()
         with self.transaction() as conn:
@@ -427,9 +430,10 @@ class Store:
                     [path, ids[sha], size, mtime_ns, run_id, now],
                 )
                 conn.execute("DELETE FROM errors WHERE path = ?", [path])
-            if matcher is not None and len(matcher):
+            matcher = self._hash_list_matcher(conn) if any(r.pdq for r in images) else None
+            if matcher is not None:
                 new = [(r, r.pdq) for r in images if r.pdq]
-                for (r, _), found in zip(new, matcher.match([h for _, h in new], max_distance), strict=True):
+                for (r, _), found in zip(new, matcher.match([h for _, h in new], match_distance), strict=True):
                     conn.executemany(
                         "INSERT OR IGNORE INTO hash_matches (image_id, list_hash_id, distance) VALUES (?,?,?)",
                         [(ids[r.sha256], hid, dist) for hid, dist in found],
@@ -443,6 +447,17 @@ class Store:
             if touched:  # content that lost its last path by being overwritten is dropped like a pruned one
                 self._drop_orphans(conn, touched)
         return ids
+
+    def _hash_list_matcher(self, conn: sqlite3.Connection) -> HashMatcher | None:
+        """A FAISS binary matcher over every imported list entry (ids = list_hashes ids), cached until lists change."""
+        key = tuple(conn.execute("SELECT COALESCE(MAX(id), 0), COUNT(*) FROM list_hashes").fetchone())
+        if self._lists_key != key:
+            rows = conn.execute("SELECT id, hash FROM list_hashes").fetchall()
+            matcher = HashMatcher() if rows else None
+            if matcher is not None:
+                matcher.add([r[0] for r in rows], [r[1] for r in rows])
+            self._lists_key, self._lists_matcher = key, matcher
+        return self._lists_matcher
 
     def _drop_orphans(self, conn: sqlite3.Connection, candidates: set[int] | None = None) -> int:
         q = "SELECT id FROM images WHERE NOT EXISTS (SELECT 1 FROM paths WHERE paths.image_id = images.id)"

@@ -325,3 +325,33 @@ def test_opening_a_missing_store_says_how_to_create_one(tmp_path) -> None:
     with pytest.raises(Exception, match=r"no store at .*nsfw-index index"):
         Searcher(tmp_path / "nothing", Settings())
     assert not (tmp_path / "nothing").exists()  # a reader never creates a store
+
+
+def test_a_list_imported_during_an_index_run_is_matched_by_the_run(tmp_path, settings_for, extractor) -> None:
+    """The writer reads the lists inside each batch's transaction: no image slips between import and run."""
+    from search.store import ImageRecord
+
+    settings = settings_for(nsfw_threshold=1.0)
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    photo(1).save(corpus / "a.png")
+    store = tmp_path / "store"
+    index_inputs(store, [str(corpus)], settings, extractor=extractor)
+    target = photo(2, (256, 192))
+    h, q = compute_pdq(target)
+    dim = 64
+    with Store(store) as writer:  # the long-lived connection of a running indexer
+        run = writer.begin_run("index", {})
+        vec = np.ones(dim, np.float32) / np.sqrt(dim)
+
+        def rec(sha: str) -> ImageRecord:
+            return ImageRecord(sha, 1, 256, 192, "PNG", [1, 0, 0, 0], [1, 0, 0, 0], "neutral", vec, h, q)
+
+        writer.write_batch(run, [rec("a" * 64)], [("/x/before.png", "a" * 64, 1, 1)])
+        lst = tmp_path / "l.txt"
+        lst.write_text(h + "\n")
+        out = import_hash_list(store, lst, "late", settings)  # meanwhile, another process imports a list
+        assert out["matched_images"] == 1  # what was committed before the import
+        writer.write_batch(run, [rec("b" * 64)], [("/x/after.png", "b" * 64, 1, 1)])  # and after it
+        ku = writer.known_unsafe(settings)
+        assert {writer.resolve_image("/x/before.png"), writer.resolve_image("/x/after.png")} <= set(ku)
