@@ -76,6 +76,22 @@ def model_options(fn: F) -> F:
     return fn
 
 
+def search_options(fn: F) -> F:
+    """Search-time knobs of an approximate index (ignored by the exact default)."""
+    fn = click.option(
+        "--ef-search",
+        type=click.IntRange(1),
+        default=None,
+        help="HNSW efSearch (default max(64, the index's)). Env NSFW_INDEX_EF_SEARCH.",
+    )(fn)
+    return click.option(
+        "--nprobe",
+        type=click.IntRange(1),
+        default=None,
+        help="IVF lists probed per query (default 16). Env NSFW_INDEX_NPROBE.",
+    )(fn)
+
+
 def store_option(fn: F) -> F:
     return click.option(
         "--store",
@@ -245,6 +261,7 @@ def require_store(settings: Settings) -> Path:
 
 @cli.command()
 @store_option
+@search_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.option(
     "--recall-sample",
@@ -253,7 +270,7 @@ def require_store(settings: Settings) -> Path:
     help="Queries used to measure recall@10 of an approximate index against exact search (0: skip).",
 )
 @handle_errors
-def stats(store: Path | None, as_json: bool, recall_sample: int) -> None:
+def stats(store: Path | None, as_json: bool, recall_sample: int, nprobe: int | None, ef_search: int | None) -> None:
     """Counts, levels, known-unsafe, index freshness and the model identity of a store.
 
     \b
@@ -262,7 +279,7 @@ def stats(store: Path | None, as_json: bool, recall_sample: int) -> None:
     """
     from search.stats import store_stats
 
-    settings = settings_from(store=store)
+    settings = settings_from(store=store, nprobe=nprobe, ef_search=ef_search)
     data = store_stats(require_store(settings), settings, recall_sample=recall_sample)
     if as_json:
         _emit(data)
@@ -369,6 +386,7 @@ def export(store: Path | None, out: Path, no_embeddings: bool) -> None:
     default=None,
     help="PDQ Hamming distance that counts as a match (default 31).",
 )
+@search_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per image.")
 @handle_errors
 def query(

@@ -281,6 +281,10 @@ def test_approximate_index_factory_is_stored_checked_and_measured(store, setting
     p = run_cli("rebuild", "--store", str(store), "--index-factory", "IVF2,Flat", check=True)
     st = json.loads(run_cli("stats", "--store", str(store), "--json", check=True).stdout)
     assert st["indexes"]["all"]["factory"] == "IVF2,Flat" and st["recall_at_10"] is not None
+    every_list = json.loads(run_cli("stats", "--store", str(store), "--json", "--nprobe", "2", check=True).stdout)
+    one_list = json.loads(run_cli("stats", "--store", str(store), "--json", "--nprobe", "1", check=True).stdout)
+    assert every_list["recall_at_10"] == 1.0  # probing both lists of IVF2 is exhaustive
+    assert one_list["recall_at_10"] < 1.0
     bad = run_cli("rebuild", "--store", str(store), "--index-factory", "NotAFactory")
     assert bad.returncode == 2 and "cannot build index factory" in bad.stderr
     assert json.loads((store / "faiss" / "all.manifest.json").read_text())["factory"] == "IVF2,Flat"
