@@ -146,17 +146,20 @@ class Searcher:
         with self._lock:
             if self._unsafe is None or self._unsafe.index.ntotal == 0:
                 return []
-            allowed = [
-                i
-                for i, s in self._unsafe_map.items()
-                if (not sources or set(s) & set(sources)) and i not in set(exclude)
-            ]
-            if not allowed:
-                return []
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64)))  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
-            kk = min(k, len(allowed))
-            sims, ids = self._unsafe.index.search(_as_query(vec), kk, params=params)
-            hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
+            skip = set(exclude)
+            q = _as_query(vec)
+            if sources:  # a source filter: search only the ids it allows (exact, whatever their share)
+                wanted = set(sources)
+                allowed = [i for i, s in self._unsafe_map.items() if wanted.intersection(s) and i not in skip]
+                if not allowed:
+                    return []
+                sel = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
+                params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg,unused-ignore]  # SWIG stubs
+                sims, ids = self._unsafe.index.search(q, min(k, len(allowed)), params=params)
+            else:  # no selector to build per query: a few extra results cover the excluded ids
+                sims, ids = self._unsafe.index.search(q, min(k + len(skip), int(self._unsafe.index.ntotal)))
+            hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0 and i not in skip]
+            hits = hits[:k]
             if min_similarity is not None:
                 hits = [(i, s) for i, s in hits if s >= min_similarity]
             rows = self.store.images([i for i, _ in hits])
