@@ -723,3 +723,50 @@ def test_clusters_routes(tmp_path, checkpoint, corpus, extractor):
         assert first["representative_id"] in [m["id"] for m in members]
         assert_error(client.get("/v1/clusters/987654"), 404, "not_found")
         assert_error(client.get("/v1/clusters", params={"kind": "blob"}), 422)
+
+
+def test_query_uploads_are_never_written_anywhere(tmp_path, checkpoint, corpus, extractor, monkeypatch):
+    """A 3 MB upload (starlette would spool anything over 1 MB to a temp file) creates no file: no temp file is
+    opened while it is answered (Linux unlinks those at once, so counting the calls is the check), nothing is left in
+    the temp directory or the store."""
+    import tempfile
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    monkeypatch.setenv("TMPDIR", str(spool))
+    opened: list[str] = []
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        real = getattr(tempfile, name)
+
+        def counting(*a: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            opened.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(tempfile, name, counting)
+    settings = settings_for(checkpoint, tmp_path / "store")
+    build_store(tmp_path / "store", corpus, settings, extractor)
+    noise = Image.frombytes("RGB", (1024, 1024), os.urandom(1024 * 1024 * 3))
+    body = png(noise)
+    assert len(body) > 3 * 1024 * 1024
+    marker = hashlib.sha256(body).hexdigest()
+
+    def files_now() -> dict[str, int]:
+        out = {}
+        for root in (spool, tmp_path / "store"):
+            for p in root.rglob("*"):
+                if p.is_file() and not p.name.startswith("meta.sqlite"):
+                    out[str(p)] = p.stat().st_size
+        return out
+
+    with live(settings, extractor) as (client, _app):
+        before = files_now()
+        opened.clear()
+        r = client.post("/v1/query", files={"file": ("big.png", body)})
+        assert r.status_code == 200, r.text
+        assert opened == []
+        assert r.json()["results"][0]["sha256"] == marker
+        assert files_now() == before
+        assert not list(spool.iterdir())
+    with Store(tmp_path / "store", readonly=True) as st:
+        assert st.ids_by_sha([marker]) == {}  # a query is not an addition
