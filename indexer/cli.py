@@ -34,6 +34,9 @@ def handle_errors(fn: F) -> F:
         except NsfwIndexError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("interrupted: what was committed is kept; run the same command again to resume", err=True)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
 

@@ -120,3 +120,57 @@ def test_bf16_on_cpu_stays_close_to_fp32(checkpoint: Path, settings_for) -> None
         assert float(a.embedding @ b.embedding) > 0.99
         assert b.embedding.dtype == np.float32
         assert abs(a.scores["medium"] - b.scores["medium"]) < 0.1
+
+
+def test_ctrl_c_keeps_what_was_committed_and_says_how_to_resume(tmp_path: Path, checkpoint: Path) -> None:
+    import signal
+    import sqlite3
+
+    c = tmp_path / "c"
+    c.mkdir()
+    for i in range(40):
+        photo(i, (200, 150)).save(c / f"{i:03d}.png")
+    store = tmp_path / "store"
+    exe = Path(sys.executable).parent / "nsfw-index"
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "index",
+            str(c),
+            "--store",
+            str(store),
+            "--model",
+            str(checkpoint),
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    n = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            con = sqlite3.connect(f"file:{store / 'meta.sqlite'}?mode=ro", uri=True)
+            n = con.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            n = 0
+        if n >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    p = run_cli(
+        "index", str(c), "--store", str(store), "--model", str(checkpoint), "--workers", "0", "--json", check=True
+    )
+    out = json.loads(p.stdout)
+    assert out["new_images"] + out["unchanged"] == 40 and out["unchanged"] >= 2
+    runs = run_cli("stats", "--store", str(store), "--json", check=True)
+    assert [r["status"] for r in json.loads(runs.stdout)["runs"]][:2] == ["done", "interrupted"]
