@@ -7,7 +7,6 @@ import stat
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 # What a directory walk picks up; files named explicitly are always tried (and fail clearly if not images).
 IMAGE_EXTENSIONS = frozenset(
@@ -208,7 +207,3 @@ def read_item(item: Item, max_bytes: int, tars: TarReader) -> bytes:
     if item.tar is None or item.member is None:
         raise ValueError("item has neither a file nor a tar member")
     return tars.read(item.tar, item.member, max_bytes)
-
-
-def display(item_key: str) -> str:
-    return str(Path(item_key))

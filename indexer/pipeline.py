@@ -19,10 +19,7 @@ import torch
 
 from indexer.corpus import Item, TarReader, WalkError, read_item, walk
 from indexer.corpus import roots as corpus_roots
-from indexer.decode import (
-    decode_image,
-    read_image_file,  # noqa: F401  (re-exported for callers that decode one file)
-)
+from indexer.decode import decode_image
 from indexer.extractor import Extractor
 from search.errors import InvalidImage
 from search.labels import stored_match_distance

@@ -13,7 +13,7 @@ from typing import Any
 from search.errors import InvalidArgument, NotFound, StoreLocked
 from search.pdq import HashMatcher, parse_hash_list
 from search.settings import Settings
-from search.store import Store, utcnow
+from search.store import LABELS, Store, utcnow
 from search.vectors import IndexFiles
 
 # Matches are stored up to this distance so that raising --pdq-max-distance later needs no re-matching; what counts
@@ -84,7 +84,7 @@ def label_images(
     with Store(store_dir) as store:
         resolved = []
         for ref, lab, why in items:
-            if lab not in ("unsafe", "safe", "clear"):
+            if lab not in LABELS:
                 raise InvalidArgument(f"{ref}: label must be unsafe, safe or clear, not {lab!r}")
             try:
                 resolved.append((ref, store.resolve_image(ref), lab, why))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
-from search.errors import InvalidArgument, ModelMismatch, NotFound, StoreCorrupt, StoreLocked, StoreNotFound
+from search.errors import ModelMismatch, NotFound, StoreCorrupt, StoreLocked, StoreNotFound
 from search.pdq import HashMatcher
 from search.settings import LEVELS, Settings
 
@@ -588,32 +588,6 @@ class Store:
         raise NotFound(f"{ref!r} is not an image id, sha256 or indexed path of the store at {self.root}")
 
     # -- labels --
-    def add_labels(self, image_ids: Sequence[int], label: str, who: str, reason: str | None = None) -> list[int]:
-        """Append one label event per image (unsafe, safe or clear); the latest event is the current label."""
-        if label not in LABELS:
-            raise InvalidArgument(f"label must be one of {LABELS}, not {label!r}")
-        shas = (
-            self.db.execute(
-                f"SELECT id, sha256 FROM images WHERE id IN ({','.join('?' * len(image_ids))})", list(image_ids)
-            ).fetchall()
-            if image_ids
-            else []
-        )
-        by_id = dict(shas)
-        missing = [i for i in image_ids if i not in by_id]
-        if missing:
-            raise NotFound(f"no image with id {missing[0]} in the store at {self.root}")
-        now = utcnow()
-        events = []
-        with self.transaction() as conn:
-            for i in image_ids:
-                cur = conn.execute(
-                    "INSERT INTO labels (sha256, label, who, at, reason) VALUES (?,?,?,?,?)",
-                    [by_id[i], label, who, now, reason],
-                )
-                events.append(int(cur.lastrowid or 0))
-        return events
-
     def label_history(self, image_id: int) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT l.id, l.label, l.who, l.at, l.reason FROM labels l JOIN images i ON i.sha256 = l.sha256 "
