@@ -18,6 +18,7 @@ import sqlite_utils
 
 from search.errors import ModelMismatch, NotFound, StoreCorrupt, StoreLocked, StoreNotFound
 from search.pdq import HashMatcher
+from search.store.clusters import ClusterTables
 from search.settings import LEVELS, Settings
 
 DB_FILE = "meta.sqlite"
@@ -199,7 +200,7 @@ class WriterLock:
         self.release()
 
 
-class Store:
+class Store(ClusterTables):
     """The SQLite side of a store. Cheap to open; one per thread (sqlite connections are not shared)."""
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = False, readonly: bool = False) -> None:

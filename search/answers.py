@@ -1,0 +1,276 @@
+"""Typed answers of the engine (pydantic models): what `search` and `indexer` return, what the CLI's `--json`
+prints (`to_json`) and what `api/schemas.py` builds its HTTP bodies from. One definition per shape."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from search.settings import LEVELS
+
+Level = Literal["neutral", "low", "medium", "high"]
+Source = Literal["human", "hash_list", "model"]
+LabelName = Literal["unsafe", "safe", "clear"]
+
+#: `paths` fields are omitted (not null, not []) when the caller may not see paths: an empty list would claim that
+#: the image has no paths.
+PATHS_DESCRIPTION = "Stored paths of this content; present only for API keys with the read_paths right."
+
+
+def _absent(value: Any) -> bool:
+    """`exclude_if` predicate: a field left as None is left out of the JSON (hidden paths, optional fields)."""
+    return value is None
+
+
+class Answer(BaseModel):
+    """Base of every answer: `to_json()` is the one JSON form (CLI `--json` and HTTP bodies alike)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class Levels(Answer):
+    neutral: float
+    low: float
+    medium: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float] | Mapping[str, float]) -> Levels:
+        """From 4 numbers in LEVELS order, or a mapping keyed by level."""
+        if isinstance(values, Mapping):
+            return cls(**{lv: float(values[lv]) for lv in LEVELS})
+        return cls(**{lv: float(v) for lv, v in zip(LEVELS, values, strict=True)})
+
+    def __getitem__(self, level: str) -> float:
+        """`scores["medium"]`: levels read like the mapping they are."""
+        if level not in LEVELS:
+            raise KeyError(level)
+        return float(getattr(self, level))
+
+    def values(self) -> list[float]:
+        return [float(getattr(self, lv)) for lv in LEVELS]
+
+
+class Nsfw(Answer):
+    """The classifier's answer, as `nsfw-index score --json` prints it."""
+
+    probabilities: Levels
+    scores: Levels = Field(description="Cumulative 'at least this level' scores (Freepik's formula).")
+    level: Level
+    is_nsfw: bool
+
+
+class UnsafeNeighbour(Answer):
+    id: int
+    similarity: float
+    scores: Levels
+    level: Level
+    sources: list[Source] = Field(description="Why this image is known-unsafe: human label, hash list, model score.")
+    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+
+
+class NearDuplicate(Answer):
+    id: int
+    similarity: float
+
+
+class PdqMatch(Answer):
+    source: Literal["hash_list", "human"]
+    distance: int
+    list: str | None = Field(None, exclude_if=_absent, description="Hash list name (source hash_list).")
+    hash: str | None = Field(None, exclude_if=_absent, description="The matching list entry (source hash_list).")
+    id: int | None = Field(None, exclude_if=_absent, description="The human-labelled image (source human).")
+
+
+class PdqInfo(Answer):
+    hash: str | None
+    quality: int | None
+
+
+class Pdq(PdqInfo):
+    matches: builtins.list[PdqMatch]
+
+
+class SearchAnswer(Answer):
+    """The parts of a query answer that come from the store (nearest known-unsafe, near-duplicates, PDQ)."""
+
+    nearest_unsafe: list[UnsafeNeighbour]
+    near_duplicates: list[NearDuplicate]
+    pdq: Pdq
+
+
+class QueryAnswer(SearchAnswer):
+    """One image's answer: `nsfw-index query --json` prints it with `path`; `POST /v1/query` with `filename`."""
+
+    sha256: str
+    indexed_id: int | None = Field(None, description="The id of this exact content in the store, if it is indexed.")
+    nsfw: Nsfw
+
+
+class ExactDuplicates(Answer):
+    count: int = Field(description="Other paths holding the same content.")
+    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+
+
+class NeighboursAnswer(SearchAnswer):
+    """The query answer for an indexed image, computed from its stored embedding (no model run)."""
+
+    id: int
+    nsfw: Nsfw
+    known_unsafe_sources: list[Source]
+    exact_duplicates: ExactDuplicates
+
+
+class LabelEvent(Answer):
+    event: int
+    label: LabelName
+    who: str
+    at: str
+    reason: str | None
+
+
+class ImageRow(Answer):
+    """One stored image (no embedding)."""
+
+    id: int
+    sha256: str
+    size: int
+    width: int
+    height: int
+    format: str
+    probabilities: Levels
+    scores: Levels
+    level: Level
+    pdq: PdqInfo
+    run_id: int | None = None
+    indexed_at: str
+
+
+class ImageDetail(ImageRow):
+    """One image with its verdict, known-unsafe sources and label history (`GET /v1/images/{id}`)."""
+
+    is_nsfw: bool
+    known_unsafe_sources: list[Source]
+    label: Literal["unsafe", "safe"] | None = Field(description="The current human label (the latest event wins).")
+    labels: list[LabelEvent] = Field(description="The label event log of this content, oldest first.")
+    path_count: int
+    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+
+
+class LabelResult(Answer):
+    """One label event appended (`nsfw-index label --json` prints one per image)."""
+
+    ref: str
+    id: int
+    label: LabelName
+    event: int
+    who: str
+    at: str
+
+
+class BadLine(Answer):
+    line: int
+    text: str
+    reason: str
+
+
+class HashListImport(Answer):
+    list: str
+    list_id: int
+    hashes: int = Field(description="Entries the list holds now.")
+    imported: int = Field(description="Valid hashes in this upload.")
+    bad_lines: builtins.list[BadLine] = Field(description="Lines that hold no valid PDQ hash.")
+    matched_images: int = Field(description="Indexed images within the configured PDQ distance of the list.")
+    unsafe_index_updated: bool
+
+
+class ClusterSummary(Answer):
+    id: int
+    kind: Literal["cluster", "group"] = Field(description="k-means cluster or near-duplicate group.")
+    size: int
+    mean_score: float | None = Field(description="Mean of the members' scores at `score_level`.")
+    max_score: float | None
+    unsafe_count: int = Field(description="Known-unsafe members, as of now.")
+    flagged: bool = Field(description="Holds at least one known-unsafe image.")
+    representative_id: int | None
+    score_level: Level | None = Field(None, exclude_if=_absent)
+    path_count: int | None = Field(None, exclude_if=_absent)
+    cohesion: float | None = Field(None, exclude_if=_absent)
+
+
+class ClusterMember(Answer):
+    id: int
+    similarity: float | None = Field(None, exclude_if=_absent, description="To the representative.")
+    scores: Levels
+    level: Level
+    sources: list[Source]
+    path_count: int | None = Field(None, exclude_if=_absent)
+    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+
+
+class ClusterDetail(ClusterSummary):
+    members_total: int | None = Field(None, exclude_if=_absent)
+    members: list[ClusterMember] = Field(description="Most similar to the representative first (at most `limit`).")
+
+
+class ClusteringRef(Answer):
+    id: int
+    created_at: str
+    threshold: float
+    k: int
+
+
+class ClusterPage(Answer):
+    items: list[ClusterSummary]
+    total: int
+    page: int
+    per_page: int
+    fresh: bool = Field(description="False when images were added or removed since the clustering ran.")
+    clustering: ClusteringRef | None = Field(None, description="The clustering run these come from.")
+
+
+class ClusteringSummary(Answer):
+    """The latest clustering in a few numbers; flags as of now (`stats` and `cluster --json`)."""
+
+    model_config = ConfigDict(extra="allow")  # run_clustering adds `recomputed`, `reason` and the like
+
+    clustering_id: int
+    created_at: str
+    images: int
+    groups: int
+    grouped_images: int
+    clusters: int
+    threshold: float
+    k: int
+    method: str
+    flagged_groups: int
+    flagged_clusters: int
+    largest_groups: builtins.list[int]
+    fresh: bool
+    timings: dict[str, float]
+
+
+class Stats(Answer):
+    """`nsfw-index stats --json` and `GET /v1/stats`."""
+
+    images: int
+    paths: int
+    exact_duplicates: dict[str, int]
+    errors: int
+    levels: dict[str, int]
+    known_unsafe: dict[str, int]
+    labels: dict[str, int]
+    hash_lists: builtins.list[dict[str, Any]]
+    schema_version: int
+    model: dict[str, Any]
+    indexes: dict[str, Any]
+    recall_at_10: float | None
+    runs: builtins.list[dict[str, Any]]
+    known_unsafe_rule: dict[str, Any]
+    clusters: ClusteringSummary | None
