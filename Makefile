@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean-venv
+.PHONY: test demo lint audit bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check indexer search api tests benchmarks
+	$(VENV)/bin/ruff check indexer search api tests benchmarks tools
 	$(VENV)/bin/mypy
+
+# offline audit: installed security-sensitive packages against tools/safe-versions.toml (pip-audit too with
+# NSFW_INDEX_AUDIT_ONLINE=1)
+audit: $(STAMP)
+	$(PY) tools/audit_deps.py
 
 demo: $(STAMP)
 	$(PY) -m indexer.demo
