@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import KeyRing
+from api.auth import KeyRing, parse_api_keys
 from api.errors import install_handlers
 from api.limits import BodySizeLimit
-from api.routes import add_routes
+from api.routers import include_routers
 from api.state import Service
 from indexer.extractor import Extractor
 from search.errors import InvalidArgument
@@ -41,7 +41,7 @@ async def _refresher(svc: Service, every: float) -> None:
             log.exception("background refresh failed")
 
 
-def _redactor(store_dir: Path):  # type: ignore[no-untyped-def]
+def _redactor(store_dir: Path) -> Callable[[str], str]:
     """Engine messages name the store directory; HTTP clients get `<store>` instead of a server path."""
     names = sorted({str(store_dir), str(store_dir.expanduser().resolve())}, key=len, reverse=True)
 
@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, extractor: Extractor | None = None) -> Fas
     `run_server` so that a bad --model fails before listening), else loaded in the lifespan."""
     if settings.store is None:
         raise InvalidArgument("the HTTP service needs a store: set --store or NSFW_INDEX_STORE")
-    keyring = KeyRing(settings.parsed_api_keys())
+    keyring = KeyRing(parse_api_keys(settings.api_keys))
     if not len(keyring):
         log.warning("no API keys configured (NSFW_INDEX_API_KEYS): write routes will answer 401")
 
@@ -89,6 +89,6 @@ def create_app(settings: Settings, *, extractor: Extractor | None = None) -> Fas
     app.state.keyring = keyring
     app.state.service = None
     install_handlers(app, _redactor(Path(settings.store)))
-    add_routes(app)
+    include_routers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer KEY` checked in constant time against every configured key; rights per route."""
+"""API keys: the key spec parsed, `Bearer KEY` checked in constant time against every key, the rights routes need."""
 
 from __future__ import annotations
 
@@ -12,10 +12,40 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import ApiError
-from search.settings import ALL_RIGHTS
+from search.errors import InvalidArgument
 
+#: Every right a key can hold: `read` (queries, images, clusters, stats), `write` (add images, import hash lists),
+#: `label` (label images), `read_paths` (see stored file paths).
+ALL_RIGHTS: tuple[str, ...] = ("read", "write", "label", "read_paths")
 #: What a caller without a key may do when reads are open.
 ANONYMOUS_RIGHTS: frozenset[str] = frozenset({"read"})
+
+
+def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
+    """`KEY:read+write,KEY2:read` -> {KEY: {read, write}, ...}; a key with no rights part gets every right.
+
+    Raises InvalidArgument naming the unknown rights (and the known ones) or the empty key.
+    """
+    out: dict[str, frozenset[str]] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, rights = part.partition(":")
+        key = key.strip()
+        if not key:
+            raise InvalidArgument(
+                "an API key in NSFW_INDEX_API_KEYS is empty: write `KEY:right+right,KEY2:right` (KEY not empty)"
+            )
+        names = {r.strip() for r in rights.split("+") if r.strip()} if rights else set(ALL_RIGHTS)
+        unknown = names - set(ALL_RIGHTS)
+        if unknown:
+            raise InvalidArgument(
+                f"unknown API key right(s) {sorted(unknown)} in NSFW_INDEX_API_KEYS; known: {sorted(ALL_RIGHTS)} "
+                "(write `KEY:right+right,KEY2:right`)"
+            )
+        out[key] = frozenset(names)
+    return out
 
 
 @dataclass(frozen=True)

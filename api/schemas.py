@@ -1,4 +1,4 @@
-"""Pydantic models of every HTTP request and response body (they are the OpenAPI schema clients see)."""
+"""The HTTP bodies (the OpenAPI schema clients see): the engine's answers (search.answers) plus what only HTTP has."""
 
 from __future__ import annotations
 
@@ -6,87 +6,94 @@ import builtins
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
-Level = Literal["neutral", "low", "medium", "high"]
-Source = Literal["human", "hash_list", "model"]
+from search import answers
+from search.answers import (
+    PATHS_DESCRIPTION,
+    Answer,
+    ClusterDetail,
+    ClusterMember,
+    ClusterSummary,
+    ExactDuplicates,
+    LabelEvent,
+    LabelName,
+    Level,
+    Levels,
+    NearDuplicate,
+    Nsfw,
+    Pdq,
+    PdqInfo,
+    PdqMatch,
+    Source,
+    UnsafeNeighbour,
+)
+
+__all__ = [
+    "PATHS_DESCRIPTION",
+    "AddResponse",
+    "BadLine",
+    "ClusterDetail",
+    "ClusterMember",
+    "ClusterPage",
+    "ClusterSummary",
+    "ErrorBody",
+    "ErrorResponse",
+    "ExactDuplicates",
+    "HashListResponse",
+    "HealthResponse",
+    "ImageResponse",
+    "IndexInfo",
+    "LabelEvent",
+    "LabelRequest",
+    "LabelResponse",
+    "Level",
+    "Levels",
+    "ModelInfo",
+    "NearDuplicate",
+    "NeighboursResponse",
+    "Nsfw",
+    "Pdq",
+    "PdqInfo",
+    "PdqMatch",
+    "QueryFailure",
+    "QueryResponse",
+    "QueryResult",
+    "QueryTimings",
+    "ReadyResponse",
+    "SearchTimings",
+    "Source",
+    "StatsResponse",
+    "UnsafeNeighbour",
+]
+
+BadLine = answers.BadLine
 
 
 def _absent(value: Any) -> bool:
-    """`exclude_if` predicate: a field left as None is left out of the JSON (hidden paths, optional match fields)."""
+    """`exclude_if` predicate: a field left as None is left out of the JSON."""
     return value is None
 
 
-#: `paths` fields are omitted (not null, not []) when the caller lacks the read_paths right: an empty list would
-#: claim that the image has no paths.
-PATHS_DESCRIPTION = "Stored paths of this content; present only for API keys with the read_paths right."
-
-
-class Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class ErrorBody(Model):
+# -- HTTP only: errors, the server's model and index, timings -------------------------------------------------------
+class ErrorBody(Answer):
     code: str = Field(description="Short machine-readable code, e.g. not_found, unsupported_format, overloaded.")
     message: str = Field(description="What went wrong and how to fix it.")
     details: list[dict[str, Any]] | None = Field(None, exclude_if=_absent, description="Validation errors (422).")
 
 
-class ErrorResponse(Model):
+class ErrorResponse(Answer):
     """Every error, on every route (unknown routes, 405 and request validation included)."""
 
     error: ErrorBody
 
 
-class Levels(Model):
-    neutral: float
-    low: float
-    medium: float
-    high: float
-
-
-class Nsfw(Model):
-    """The classifier's answer, as `nsfw-index score --json` prints it."""
-
-    probabilities: Levels
-    scores: Levels = Field(description="Cumulative 'at least this level' scores (Freepik's formula).")
-    level: Level
-    is_nsfw: bool
-
-
-class UnsafeNeighbour(Model):
-    id: int
-    similarity: float
-    scores: Levels
-    level: Level
-    sources: list[Source] = Field(description="Why this image is known-unsafe: human label, hash list, model score.")
-    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
-
-
-class NearDuplicate(Model):
-    id: int
-    similarity: float
-
-
-class PdqMatch(Model):
-    source: Literal["hash_list", "human"]
-    distance: int
-    list: str | None = Field(None, exclude_if=_absent, description="Hash list name (source hash_list).")
-    hash: str | None = Field(None, exclude_if=_absent, description="The matching list entry (source hash_list).")
-    id: int | None = Field(None, exclude_if=_absent, description="The human-labelled image (source human).")
-
-
-class Pdq(Model):
-    hash: str | None
-    quality: int | None
-    matches: list[PdqMatch]
-
-
-class ModelInfo(Model):
+class ModelInfo(Answer):
     architecture: str
     weights_sha256: str
 
 
-class QueryTimings(Model):
+class QueryTimings(Answer):
     queue_ms: float = Field(description="Waiting for the inference worker.")
     inference_ms: float = Field(description="Decode + PDQ + the batched forward pass this request was part of.")
     batch_images: int = Field(description="Images in that forward pass (several requests are batched together).")
@@ -94,12 +101,12 @@ class QueryTimings(Model):
     total_ms: float
 
 
-class SearchTimings(Model):
+class SearchTimings(Answer):
     search_ms: float
     total_ms: float
 
 
-class IndexInfo(Model):
+class IndexInfo(Answer):
     ready: bool
     images: int
     known_unsafe: int
@@ -107,19 +114,20 @@ class IndexInfo(Model):
     loaded_at: float | None = None
 
 
-class QueryResult(Model):
+# -- queries -----------------------------------------------------------------------------------------------------------
+class QueryResult(answers.QueryAnswer):
     """One image's answer: the fields of `nsfw-index query --json` (with `filename` for `path`)."""
 
     filename: str | None = Field(description="The upload's own filename, as the client sent it.")
-    sha256: str
+    # always present over HTTP (null when the content is not indexed)
     indexed_id: int | None = Field(description="The id of this exact content in the store, if it is indexed.")
-    nsfw: Nsfw
-    nearest_unsafe: list[UnsafeNeighbour]
-    near_duplicates: list[NearDuplicate]
-    pdq: Pdq
+
+    @classmethod
+    def of(cls, answer: answers.QueryAnswer, filename: str | None) -> QueryResult:
+        return cls.model_validate({**answer.model_dump(), "filename": filename})
 
 
-class QueryFailure(Model):
+class QueryFailure(Answer):
     """An image of a multi-image request that could not be analysed (the others are still answered)."""
 
     filename: str | None
@@ -127,69 +135,30 @@ class QueryFailure(Model):
     error: ErrorBody
 
 
-class QueryResponse(Model):
+class QueryResponse(Answer):
     results: list[QueryResult | QueryFailure] = Field(description="One entry per uploaded image, in upload order.")
     model: ModelInfo
     index: IndexInfo
     timings: QueryTimings
 
 
-class ExactDuplicates(Model):
-    count: int = Field(description="Other paths holding the same content.")
-    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
-
-
-class NeighboursResponse(Model):
+class NeighboursResponse(answers.NeighboursAnswer):
     """The query answer for an indexed image, computed from its stored embedding (no model run)."""
 
-    id: int
-    nsfw: Nsfw
-    known_unsafe_sources: list[Source]
-    exact_duplicates: ExactDuplicates
-    nearest_unsafe: list[UnsafeNeighbour]
-    near_duplicates: list[NearDuplicate]
-    pdq: Pdq
     model: ModelInfo
     timings: SearchTimings
 
 
-class PdqInfo(Model):
-    hash: str | None
-    quality: int | None
-
-
-class LabelEvent(Model):
-    event: int
-    label: Literal["unsafe", "safe", "clear"]
-    who: str
-    at: str
-    reason: str | None
-
-
-class ImageResponse(Model):
-    id: int
-    sha256: str
-    size: int
-    width: int
-    height: int
-    format: str
-    probabilities: Levels
-    scores: Levels
-    level: Level
-    is_nsfw: bool
-    pdq: PdqInfo
-    indexed_at: str
-    known_unsafe_sources: list[Source]
-    label: Literal["unsafe", "safe"] | None = Field(description="The current human label (the latest event wins).")
-    labels: list[LabelEvent] = Field(description="The label event log of this content, oldest first.")
-    path_count: int
-    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+# -- images ------------------------------------------------------------------------------------------------------------
+class ImageResponse(answers.ImageDetail):
+    # the indexing run is the CLI's business (`nsfw-index show`); the HTTP body never had it
+    run_id: SkipJsonSchema[int | None] = Field(None, exclude=True)
 
 
 class LabelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label: Literal["unsafe", "safe", "clear"] = Field(description="`clear` withdraws the human label.")
+    label: LabelName = Field(description="`clear` withdraws the human label.")
     reason: str | None = Field(None, max_length=1000)
     who: str | None = Field(
         None,
@@ -198,16 +167,22 @@ class LabelRequest(BaseModel):
     )
 
 
-class LabelResponse(Model):
+class LabelResponse(Answer):
+    # the engine's LabelResult less the CLI's `ref`, with the image's sources after the label
+
     id: int
-    label: Literal["unsafe", "safe", "clear"]
+    label: LabelName
     event: int
     who: str = Field(description="What was recorded: `api-key:<first 6 hex of sha256(key)>[/who]`.")
     at: str
     known_unsafe_sources: list[Source] = Field(description="The image's known-unsafe sources after this label.")
 
+    @classmethod
+    def of(cls, result: answers.LabelResult, sources: list[str]) -> LabelResponse:
+        return cls.model_validate({**result.model_dump(exclude={"ref"}), "known_unsafe_sources": sources})
 
-class AddResponse(Model):
+
+class AddResponse(Answer):
     id: int
     created: bool = Field(description="False when this exact content was already indexed.")
     result: QueryResult
@@ -215,84 +190,49 @@ class AddResponse(Model):
     timings: QueryTimings
 
 
-class BadLine(Model):
-    line: int
-    text: str
-    reason: str
-
-
-class HashListResponse(Model):
-    list: str
-    list_id: int
-    hashes: int = Field(description="Entries the list holds now.")
-    imported: int = Field(description="Valid hashes in this upload.")
+# -- hash lists --------------------------------------------------------------------------------------------------------
+class HashListResponse(answers.HashListImport):
     bad_line_count: int
     bad_lines: builtins.list[BadLine] = Field(description="Lines that hold no valid PDQ hash (the first 1000).")
-    matched_images: int = Field(description="Indexed images within the configured PDQ distance of the list.")
-    unsafe_index_updated: bool
+
+    @classmethod
+    def of(cls, imported: answers.HashListImport, *, max_lines: int, max_text: int) -> HashListResponse:
+        """All the bad lines counted, the first `max_lines` listed, each text cut to `max_text` characters."""
+        bad = imported.bad_lines
+        shown = [b.model_copy(update={"text": b.text[:max_text]}) for b in bad[:max_lines]]
+        return cls.model_validate(
+            {**imported.model_dump(), "bad_line_count": len(bad), "bad_lines": [b.model_dump() for b in shown]}
+        )
 
 
-class ClusterSummary(Model):
-    id: int
-    kind: Literal["cluster", "group"] = Field(description="k-means cluster or near-duplicate group.")
-    size: int
-    mean_score: float | None = Field(description="Mean of the members' scores at `score_level`.")
-    max_score: float | None
-    unsafe_count: int = Field(description="Known-unsafe members, as of now.")
-    flagged: bool = Field(description="Holds at least one known-unsafe image.")
-    representative_id: int | None
-    score_level: Level | None = Field(None, exclude_if=_absent)
-    path_count: int | None = Field(None, exclude_if=_absent)
-    cohesion: float | None = Field(None, exclude_if=_absent)
+# -- clusters and stats ------------------------------------------------------------------------------------------------
+class ClusterPage(answers.ClusterPage):
+    # the schema clients have: an open object (the engine's ClusteringRef fields: id, created_at, threshold, k);
+    # narrowing it would change the published OpenAPI document
+    clustering: dict[str, Any] | None = Field(  # type: ignore[assignment]
+        None, description="The clustering run these come from."
+    )
+
+    @classmethod
+    def of(cls, page: answers.ClusterPage) -> ClusterPage:
+        return cls.model_validate(page.model_dump())
 
 
-class ClusterPage(Model):
-    items: list[ClusterSummary]
-    total: int
-    page: int
-    per_page: int
-    fresh: bool = Field(description="False when images were added or removed since the clustering ran.")
-    clustering: dict[str, Any] | None = Field(None, description="The clustering run these come from.")
+class StatsResponse(answers.Stats):
+    # the schema clients have: an open object (the engine's ClusteringSummary fields); see ClusterPage
+    clusters: dict[str, Any] | None  # type: ignore[assignment]
+
+    @classmethod
+    def of(cls, stats: answers.Stats) -> StatsResponse:
+        return cls.model_validate(stats.model_dump())
 
 
-class ClusterMember(Model):
-    id: int
-    similarity: float | None = Field(None, exclude_if=_absent, description="To the representative.")
-    scores: Levels
-    level: Level
-    sources: list[Source]
-    path_count: int | None = Field(None, exclude_if=_absent)
-    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
-
-
-class ClusterDetail(ClusterSummary):
-    members_total: int | None = Field(None, exclude_if=_absent)
-    members: list[ClusterMember] = Field(description="Most similar to the representative first (at most `limit`).")
-
-
-class StatsResponse(Model):
-    images: int
-    paths: int
-    exact_duplicates: dict[str, int]
-    errors: int
-    levels: dict[str, int]
-    known_unsafe: dict[str, int]
-    labels: dict[str, int]
-    hash_lists: list[dict[str, Any]]
-    schema_version: int
-    model: dict[str, Any]
-    indexes: dict[str, Any]
-    recall_at_10: float | None
-    runs: list[dict[str, Any]]
-    known_unsafe_rule: dict[str, Any]
-    clusters: dict[str, Any] | None
-
-
-class HealthResponse(Model):
+# -- service -----------------------------------------------------------------------------------------------------------
+class HealthResponse(Answer):
     status: Literal["ok"]
 
 
-class ReadyResponse(Model):
+class ReadyResponse(Answer):
     ready: bool
     model: ModelInfo
     index: IndexInfo

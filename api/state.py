@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from pathlib import Path
 from typing import Any
 
+from api.schemas import IndexInfo, ModelInfo
 from api.worker import InferenceWorker
 from indexer.extractor import Extractor
 from search.errors import IndexMismatch, ModelMismatch, NsfwIndexError
+from search.policy import ModelIdentity
 from search.query import Searcher
 from search.settings import Settings
 from search.store import Store
@@ -18,16 +19,17 @@ from search.vectors import IndexFiles
 
 log = logging.getLogger(__name__)
 
-IDENTITY_KEYS = ("architecture", "weights_sha256", "preprocessing", "embedding_dim")
 
-
-def identity_diff(stored: dict[str, Any], loaded: dict[str, Any]) -> list[str]:
-    """The identity fields on which the store and the loaded model disagree (JSON-normalised)."""
-
-    def norm(v: Any) -> str:
-        return json.dumps(v, sort_keys=True, default=str)
-
-    return [k for k in IDENTITY_KEYS if norm(stored.get(k)) != norm(loaded.get(k))]
+def mismatch_message(stored: ModelIdentity, loaded: ModelIdentity) -> str | None:
+    """Why a store built with `stored` must not be searched with embeddings of `loaded` (None: same model)."""
+    diffs = stored.differences(loaded)
+    if not diffs:
+        return None
+    return (
+        "the store was built with another model than the one this server loaded (store vs server: "
+        f"{'; '.join(diffs)}): similarities across models mean nothing. Restart the server with the store's "
+        "--model, or re-embed the store with `nsfw-index index ... --rebuild`"
+    )
 
 
 class Service:
@@ -44,16 +46,15 @@ class Service:
         self.settings = settings
         self.store_dir = Path(settings.store)
         self.extractor = extractor
-        self.identity = extractor.identity.as_dict()
-        self.model_info = {
-            "architecture": extractor.identity.architecture,
-            "weights_sha256": extractor.identity.weights_sha256,
-        }
+        self.identity: ModelIdentity = extractor.identity
+        self.model_info = ModelInfo(
+            architecture=self.identity.architecture, weights_sha256=self.identity.weights_sha256
+        )
         self.worker = InferenceWorker(extractor, settings)
         self.searcher: Searcher | None = None
         self.not_ready: str | None = "starting"
         self.mismatch: str | None = None
-        self.store_identity: dict[str, Any] | None = None
+        self.store_identity: ModelIdentity | None = None
         self.index_info: dict[str, Any] = {}
         self._swap = threading.Lock()  # serialises refreshes and swaps of `searcher`
         self._probe: Store | None = None
@@ -68,7 +69,7 @@ class Service:
         with self._swap:
             self._seen = self._disk_state()
             try:
-                self.searcher = Searcher(self.store_dir, self.settings)
+                self.searcher = Searcher.open(self.store_dir, self.settings)
             except NsfwIndexError as e:  # e.g. a damaged index: serve what we can, /readyz says why
                 log.error("cannot load the index: %s", e)
                 self._load_error = f"index not loaded: {e}"
@@ -101,7 +102,7 @@ class Service:
             self.refresh_now()
             return
         try:
-            fresh = Searcher(self.store_dir, self.settings)  # the old Searcher keeps serving meanwhile
+            fresh = Searcher.open(self.store_dir, self.settings)  # the old Searcher keeps serving meanwhile
         except NsfwIndexError as e:
             log.warning("new index snapshot not loaded (still serving the previous one, if any): %s", e)
             with self._swap:
@@ -135,14 +136,8 @@ class Service:
             self.mismatch = None
             self.not_ready = "the store has no images yet: index some with `nsfw-index index` or POST /v1/images"
             return
-        diffs = identity_diff(ident, self.identity)
-        if diffs:
-            self.mismatch = (
-                f"the store was built with another model than the one this server loaded (differs in "
-                f"{', '.join(diffs)}; store weights {str(ident.get('weights_sha256'))[:12]}…, loaded "
-                f"{self.identity['weights_sha256'][:12]}…): similarities across models mean nothing. Restart the "
-                "server with the store's --model, or re-embed the store with `nsfw-index index ... --rebuild`"
-            )
+        self.mismatch = mismatch_message(ident, self.identity)
+        if self.mismatch:
             self.not_ready = self.mismatch
             return
         self.mismatch = None
@@ -151,15 +146,22 @@ class Service:
             return
         self.not_ready = None
 
-    def index_summary(self) -> dict[str, Any]:
+    def index_summary(self) -> IndexInfo:
         info = self.index_info
-        return {
-            "ready": self.not_ready is None,
-            "images": int(info.get("images", 0)),
-            "known_unsafe": int(info.get("known_unsafe", 0)),
-            "generation": info.get("generation"),
-            "loaded_at": info.get("loaded_at"),
-        }
+        return IndexInfo(
+            ready=self.not_ready is None,
+            images=int(info.get("images", 0)),
+            known_unsafe=int(info.get("known_unsafe", 0)),
+            generation=info.get("generation"),
+            loaded_at=info.get("loaded_at"),
+        )
+
+    def store_model_info(self) -> ModelInfo:
+        """The model of the store's vectors (answers computed from them alone name it), else the loaded one."""
+        ident = self.store_identity
+        if ident is None:
+            return self.model_info
+        return ModelInfo(architecture=ident.architecture, weights_sha256=ident.weights_sha256)
 
     def query_searcher(self, *, require_model: bool = True) -> Searcher | None:
         """The Searcher a query should use now; None while the store has no images (answers: scores only).
@@ -175,7 +177,3 @@ class Service:
                 return None
             raise IndexMismatch(self.not_ready or "the index is not loaded yet; retry shortly")
         return searcher
-
-    def read_store(self) -> Store:
-        """A read-only connection for one request (routes that read the store directly), closed by the caller."""
-        return Store(self.store_dir, readonly=True)

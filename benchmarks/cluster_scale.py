@@ -1,11 +1,11 @@
-"""How near-duplicate grouping and k-means scale: times the code paths of search.clusters on synthetic unit vectors.
+"""How near-duplicate grouping and k-means scale: times the code paths of search.graph on synthetic unit vectors.
 
 Vectors are drawn around random topic centres (so k-means has structure), and 5% of them are planted near-duplicates
 of another vector (cosine ~0.97), in families of 2..6. Prints one line per N with the time of the near-duplicate
 graph + components, of k-means and of the representatives, the recovered planted families and the peak RSS.
 
     .venv/bin/python benchmarks/cluster_scale.py                    # N = 10k and 100k (exact path)
-    .venv/bin/python benchmarks/cluster_scale.py --n 1000000        # the approximate (IVF kNN) path
+    .venv/bin/python benchmarks/cluster_scale.py --n 1000000        # the approximate (IVF cell) path
     .venv/bin/python benchmarks/cluster_scale.py --n 100000 --method ivf --recall   # IVF pairs vs exact pairs
     .venv/bin/python benchmarks/cluster_scale.py --n 20000 --end-to-end             # through a real SQLite store
 
@@ -26,16 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.clusters import (
+from search.graph import (
     EXACT_MAX_IMAGES,
     IVF_NPROBE,
+    Forest,
     Partition,
-    _exact_edges,
-    _Forest,
-    _ivf_edges,
     component_labels,
     default_k,
+    exact_edges,
     graph_method,
+    ivf_edges,
     ivf_nlist,
     kmeans_labels,
     representatives,
@@ -101,7 +101,7 @@ def knn_edges(x: np.ndarray, threshold: float, k: int = 32, nprobe: int = 16):  
         yield rows[keep], cols[keep], s[keep]
 
 
-def pair_recall(x: np.ndarray, threshold: float, approx_edges=_ivf_edges) -> tuple[int, int, float]:  # type: ignore[no-untyped-def]
+def pair_recall(x: np.ndarray, threshold: float, approx_edges=ivf_edges) -> tuple[int, int, float]:  # type: ignore[no-untyped-def]
     """Pairs found by the approximate path against the exact pairs at the threshold."""
 
     def pairs(blocks):  # type: ignore[no-untyped-def]
@@ -111,7 +111,7 @@ def pair_recall(x: np.ndarray, threshold: float, approx_edges=_ivf_edges) -> tup
             out.update(zip(a.tolist(), b.tolist(), strict=True))
         return out
 
-    exact = pairs(_exact_edges(x, threshold))
+    exact = pairs(exact_edges(x, threshold))
     approx = pairs(approx_edges(x, threshold))
     return len(exact), len(approx & exact), len(approx & exact) / max(1, len(exact))
 
@@ -153,7 +153,7 @@ def bench(
         )
     if compare_knn:
         t0 = time.perf_counter()
-        forest = _Forest(n)
+        forest = Forest(n)
         for r_, c_, _ in knn_edges(x, threshold):
             forest.add(r_, c_)
         knn_s = time.perf_counter() - t0
@@ -168,6 +168,7 @@ def bench(
 def end_to_end(n: int, d: int, threshold: float) -> None:
     """Write the vectors into a real store, then time run_clustering (load + graph + k-means + SQLite write)."""
     from search.clusters import run_clustering
+    from search.policy import ModelIdentity
     from search.settings import Settings
     from search.store import ImageRecord, Store
 
@@ -175,7 +176,7 @@ def end_to_end(n: int, d: int, threshold: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store", create=True)
         store.check_model(
-            {"architecture": "bench", "weights_sha256": "0" * 64, "preprocessing": {}, "embedding_dim": d}
+            ModelIdentity(architecture="bench", weights_sha256="0" * 64, preprocessing={}, embedding_dim=d)
         )
         run = store.begin_run("bench", {})
         t0 = time.perf_counter()
@@ -187,11 +188,12 @@ def end_to_end(n: int, d: int, threshold: float) -> None:
         fill_s = time.perf_counter() - t0
         store.close()
         t0 = time.perf_counter()
-        out = run_clustering(Path(tmp) / "store", Settings(near_duplicate_threshold=threshold))
+        with Store.writing(Path(tmp) / "store", "nsfw-index cluster") as writer:
+            out = run_clustering(writer, Settings(near_duplicate_threshold=threshold))
         total_s = time.perf_counter() - t0
         print(
             f"end to end N={n:,}: store filled in {fill_s:.1f}s; run_clustering {total_s:.1f}s "
-            f"({out['timings']}), {out['groups']} groups, {out['clusters']} clusters",
+            f"({out.timings}), {out.groups} groups, {out.clusters} clusters",
             flush=True,
         )
 

@@ -40,6 +40,7 @@ def main() -> None:
     from indexer.extractor import Extractor
     from indexer.service import index_inputs
     from search.settings import Settings
+    from search.store import Store
 
     w, h = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,10 +58,12 @@ def main() -> None:
         ):
             s = Settings(model=model, device="cpu", workers=workers, batch_size=args.batch_size)
             t0 = time.perf_counter()
-            summary = index_inputs(t / f"store{workers}", [str(corpus)], s, extractor=ex)
+            with Store.writing(t / f"store{workers}", "benchmark", create=True) as store:
+                summary = index_inputs(store, [str(corpus)], s, extractor=ex)
             dt = time.perf_counter() - t0
             t1 = time.perf_counter()
-            again = index_inputs(t / f"store{workers}", [str(corpus)], s, extractor=ex)
+            with Store.writing(t / f"store{workers}", "benchmark") as store:
+                again = index_inputs(store, [str(corpus)], s, extractor=ex)
             rerun = time.perf_counter() - t1
             assert summary.new_images == args.n and again.unchanged == args.n
             results[name] = {

@@ -1,69 +1,121 @@
-"""One image's full analysis from its bytes: safe decode, PDQ, one forward pass; and the query answer built on it."""
+"""Analysing images: prepared (`indexer.prepare`) and run through the model in batches; the query answer built on it."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-import torch
-
-from indexer.decode import DecodedImage, decode_image
+from indexer.decode import read_file_bytes
 from indexer.extractor import Extractor, ImageResult
+from indexer.prepare import Prepared, prepare_or_error
+from search.answers import Pdq, QueryAnswer
 from search.errors import InvalidImage
-from search.pdq import compute_pdq
 from search.query import Searcher
 from search.settings import Settings
 from search.store import ImageRecord
 
 
-@dataclass
+@dataclass(frozen=True)
 class Analysis:
-    name: str
-    sha256: str
-    size: int
-    decoded: DecodedImage
-    pdq: str | None
-    pdq_quality: int | None
+    """One image, prepared and through the model."""
+
+    prepared: Prepared
     result: ImageResult
 
+    @property
+    def name(self) -> str:
+        return self.prepared.name
+
+    @property
+    def sha256(self) -> str:
+        return self.prepared.sha256
+
+    @property
+    def size(self) -> int:
+        return self.prepared.size
+
+    @property
+    def pdq(self) -> str | None:
+        return self.prepared.pdq
+
+    @property
+    def pdq_quality(self) -> int | None:
+        return self.prepared.pdq_quality
+
     def record(self) -> ImageRecord:
+        """The store row of this image."""
+        p = self.prepared
         return self.result.to_record(
-            sha256=self.sha256,
-            size=self.size,
-            width=self.decoded.width,
-            height=self.decoded.height,
-            format=self.decoded.format,
-            pdq=self.pdq,
-            pdq_quality=self.pdq_quality,
+            sha256=p.sha256,
+            size=p.size,
+            width=p.width,
+            height=p.height,
+            format=p.format,
+            pdq=p.pdq,
+            pdq_quality=p.pdq_quality,
         )
 
 
+def analyze_prepared(ex: Extractor, prepared: Sequence[Prepared | InvalidImage]) -> list[Analysis | InvalidImage]:
+    """Run the prepared images through the model (refusals pass through in place)."""
+    good = [p for p in prepared if isinstance(p, Prepared)]
+    results = iter(ex.run_prepared(good))
+    return [p if isinstance(p, InvalidImage) else Analysis(p, next(results)) for p in prepared]
+
+
 def analyze(ex: Extractor, items: Sequence[tuple[str, bytes]], settings: Settings) -> list[Analysis | InvalidImage]:
-    """Decode every (name, bytes) safely and run the good ones through the model in one batch."""
-    prepared: list[tuple[str, bytes, DecodedImage, torch.Tensor] | InvalidImage] = []
-    for name, data in items:
-        try:
-            dec = decode_image(data, name, max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels)
-            prepared.append((name, data, dec, ex.preprocess(dec.image)))
-        except InvalidImage as e:
-            prepared.append(e)
-    good = [p for p in prepared if not isinstance(p, InvalidImage)]
-    results = ex.run_tensors([p[3] for p in good]) if good else []
-    it = iter(results)
-    out: list[Analysis | InvalidImage] = []
-    for p in prepared:
-        if isinstance(p, InvalidImage):
-            out.append(p)
-            continue
-        name, data, dec, _ = p
-        try:
-            pdq, quality = compute_pdq(dec.image)
-        except Exception:
-            pdq, quality = None, None
-        out.append(Analysis(name, hashlib.sha256(data).hexdigest(), len(data), dec, pdq, quality, next(it)))
-    return out
+    """Prepare every (name, bytes) and run the good ones through the model; a refused image is its InvalidImage."""
+    return analyze_prepared(
+        ex,
+        [
+            prepare_or_error(
+                name, data, transform=ex.transform, max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels
+            )
+            for name, data in items
+        ],
+    )
+
+
+def read_or_error(path: Path, settings: Settings) -> bytes | InvalidImage:
+    """A file's bytes under the byte cap (never a FIFO or a device), or the InvalidImage that says why not."""
+    try:
+        return read_file_bytes(path, max_bytes=settings.max_file_bytes)
+    except InvalidImage as e:
+        return e
+
+
+def analyze_files(
+    ex: Extractor, paths: Iterable[Path], settings: Settings
+) -> Iterator[tuple[Path, Analysis | InvalidImage]]:
+    """(path, analysis) in input order, `settings.batch_size` files per forward pass: read, prepare, run."""
+    pending: list[tuple[Path, Prepared | InvalidImage]] = []
+
+    def flush() -> Iterator[tuple[Path, Analysis | InvalidImage]]:
+        done = analyze_prepared(ex, [p for _, p in pending])
+        yield from zip([path for path, _ in pending], done, strict=True)
+        pending.clear()
+
+    for path in paths:
+        data = read_or_error(path, settings)
+        if isinstance(data, InvalidImage):
+            pending.append((path, data))
+        else:
+            pending.append(
+                (
+                    path,
+                    prepare_or_error(
+                        str(path),
+                        data,
+                        transform=ex.transform,
+                        max_bytes=settings.max_file_bytes,
+                        max_pixels=settings.max_pixels,
+                    ),
+                )
+            )
+        if len(pending) >= settings.batch_size:
+            yield from flush()
+    yield from flush()
 
 
 def query_answer(
@@ -74,30 +126,32 @@ def query_answer(
     sources: Sequence[str] | None = None,
     min_similarity: float | None = None,
     threshold: float | None = None,
-) -> dict[str, Any]:
-    """The answer `query --json` prints (without `path`) and `POST /v1/query` returns for one image."""
-    ans: dict[str, Any] = {"nsfw": a.result.as_json(), "sha256": a.sha256}
+) -> QueryAnswer:
+    """The answer `query --json` prints (with `path`) and `POST /v1/query` returns for one image."""
+    nsfw = a.result.nsfw()
     if searcher is None:
-        ans.update(
-            {
-                "nearest_unsafe": [],
-                "near_duplicates": [],
-                "pdq": {"hash": a.pdq, "quality": a.pdq_quality, "matches": []},
-            }
+        return QueryAnswer(
+            nsfw=nsfw,
+            sha256=a.sha256,
+            nearest_unsafe=[],
+            near_duplicates=[],
+            pdq=Pdq(hash=a.pdq, quality=a.pdq_quality, matches=[]),
         )
-        return ans
-    ans.update(
-        searcher.answer(
-            a.result.embedding,
-            pdq=a.pdq,
-            quality=a.pdq_quality,
-            k=k,
-            sources=sources,
-            min_similarity=min_similarity,
-            threshold=threshold,
-        )
+    found = searcher.answer(
+        a.result.embedding,
+        pdq=a.pdq,
+        quality=a.pdq_quality,
+        k=k,
+        sources=sources,
+        min_similarity=min_similarity,
+        threshold=threshold,
     )
     # content already in the store is its own exact duplicate: say so instead of listing it as a near-duplicate
-    ids = searcher.store.ids_by_sha([a.sha256])
-    ans["indexed_id"] = ids.get(a.sha256)
-    return ans
+    return QueryAnswer(
+        nsfw=nsfw,
+        sha256=a.sha256,
+        nearest_unsafe=found.nearest_unsafe,
+        near_duplicates=found.near_duplicates,
+        pdq=found.pdq,
+        indexed_id=searcher.indexed_id(a.sha256),
+    )

@@ -118,7 +118,13 @@ def decode_image(data: bytes, name: str, *, max_bytes: int, max_pixels: int) -> 
 
 
 def read_image_file(path: str | os.PathLike[str], *, max_bytes: int, max_pixels: int) -> tuple[bytes, DecodedImage]:
-    """Read and decode one file; a non-regular or oversized file is refused from its `stat`, without being read.
+    """Read (`read_file_bytes`) and decode (`decode_image`) one file."""
+    data = read_file_bytes(path, max_bytes=max_bytes)
+    return data, decode_image(data, os.fspath(path), max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def read_file_bytes(path: str | os.PathLike[str], *, max_bytes: int) -> bytes:
+    """The bytes of one file; a non-regular or oversized file is refused from its `stat`, without being read.
 
     The file is then opened non-blocking and checked again on the open descriptor, so a path swapped for a FIFO or a
     bigger file between the two looks cannot hang or overrun the caps. Unreadable paths (missing, permission denied)
@@ -137,7 +143,7 @@ def read_image_file(path: str | os.PathLike[str], *, max_bytes: int, max_pixels:
         raise InvalidImage(name, f"cannot read the file ({exc.strerror or exc})") from exc
     if len(data) > max_bytes:  # it grew after the stat
         raise InvalidImage(name, _too_many_bytes(len(data), max_bytes, at_least=True), kind="too_large")
-    return data, decode_image(data, name, max_bytes=max_bytes, max_pixels=max_pixels)
+    return data
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -58,11 +58,12 @@ def main() -> int:
     from indexer.service import index_inputs
     from search.query import Searcher
     from search.settings import Settings
+    from search.store import Store
 
     root = Path(os.environ.get("NSFW_INDEX_DEMO_DIR", "demo-store")).resolve()
     corpus = root / "corpus"
-    store = root / "store"
-    settings = Settings.from_flags(store=store)
+    store_dir = root / "store"
+    settings = Settings.from_flags(store=store_dir)
     print(f"model: {settings.model} (set NSFW_INDEX_MODEL or --model to use a local copy)")
     try:
         ex = Extractor.from_settings(settings)
@@ -70,22 +71,23 @@ def main() -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     build_corpus(corpus)
-    summary = index_inputs(store, [str(corpus)], settings, extractor=ex, progress=True)
+    with Store.writing(store_dir, "nsfw-index demo", create=True) as store:
+        summary = index_inputs(store, [str(corpus)], settings, extractor=ex, progress=True)
     print(
-        f"indexed {summary.new_images} new images into {store} ({summary.unchanged} unchanged, "
+        f"indexed {summary.new_images} new images into {store_dir} ({summary.unchanged} unchanged, "
         f"{summary.errors} errors); stage seconds {summary.timings}"
     )
     probe = corpus / "reupload_astronaut.jpg"
-    searcher = Searcher(store, settings)
+    (a,) = analyze(ex, [(str(probe), probe.read_bytes())], settings)
+    if isinstance(a, NsfwIndexError):
+        raise a
+    searcher = Searcher.open(store_dir, settings)
     try:
-        (a,) = analyze(ex, [(str(probe), probe.read_bytes())], settings)
-        if isinstance(a, NsfwIndexError):
-            raise a
         ans = query_answer(a, searcher, k=3)
     finally:
         searcher.close()
     print(f"query {probe.name}:")
-    print(json.dumps(ans, indent=1)[:3000])
+    print(json.dumps(ans.to_json(), indent=1)[:3000])
     return 0
 
 

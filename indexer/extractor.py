@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from indexer.hooks import PooledFeatureHook
-from indexer.model import LoadedModel, ModelIdentity, load_model
+from indexer.model import LoadedModel, load_model
+from indexer.prepare import Prepared
+from search.answers import Levels, Nsfw
 from search.errors import InvalidArgument
-from search.scores import as_level_dict, cumulative_scores, is_nsfw, level_of
+from search.policy import ModelIdentity, is_nsfw
+from search.scores import as_level_dict, cumulative_scores, level_of
 from search.settings import LEVELS, Settings
 from search.store import ImageRecord
 
@@ -49,23 +51,25 @@ class ImageResult:
             pdq_quality=pdq_quality,
         )
 
-    def as_json(self, with_embedding: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "probabilities": self.probabilities,
-            "scores": self.scores,
-            "level": self.level,
-            "is_nsfw": self.is_nsfw,
-        }
-        if with_embedding:
-            out["embedding"] = [float(x) for x in self.embedding]
-        return out
+    def nsfw(self) -> Nsfw:
+        """The classifier's answer (`score --json` prints it; `query` nests it under `nsfw`)."""
+        return Nsfw(
+            probabilities=Levels.of(self.probabilities),
+            scores=Levels.of(self.scores),
+            level=self.level,  # one of LEVELS (level_of); pydantic checks it
+            is_nsfw=self.is_nsfw,
+        )
+
+    def embedding_json(self) -> list[float]:
+        return [float(x) for x in self.embedding]
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Extractor:
-    """Holds the model on its device; `extract` maps decoded RGB images (or preprocessed tensors) to results."""
+    """Holds the model on its device. `run` is the one forward path: `run_prepared` (prepared images, what every caller
+    uses), `run_tensors` and `extract` (decoded RGB images) all batch into it."""
 
     def __init__(self, loaded: LoadedModel, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
@@ -110,6 +114,14 @@ class Extractor:
         logits, pooled = self.forward(batch)
         return results_from_outputs(logits, pooled, self.settings)
 
+    def run_prepared(self, items: Sequence[Prepared]) -> list[ImageResult]:
+        """Results for prepared images (`indexer.prepare`), in order, batched by `settings.batch_size`."""
+        out: list[ImageResult] = []
+        bs = self.settings.batch_size
+        for i in range(0, len(items), bs):
+            out.extend(self.run(torch.from_numpy(np.stack([p.tensor for p in items[i : i + bs]]))))
+        return out
+
     def run_tensors(self, tensors: Sequence[torch.Tensor]) -> list[ImageResult]:
         """Results for preprocessed (3, H, W) tensors, batched by `settings.batch_size`."""
         out: list[ImageResult] = []
@@ -124,6 +136,7 @@ class Extractor:
 
 
 def results_from_outputs(logits: np.ndarray, pooled: np.ndarray, settings: Settings) -> list[ImageResult]:
+    """Softmax, the Freepik scores, the verdict and the L2-normalised embedding of one batch's raw outputs."""
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
     probs = np.exp(z)
@@ -139,7 +152,7 @@ def results_from_outputs(logits: np.ndarray, pooled: np.ndarray, settings: Setti
                 probabilities=as_level_dict(p),
                 scores=sd,
                 level=level_of(p),
-                is_nsfw=is_nsfw(sd, settings.nsfw_level, settings.nsfw_threshold),
+                is_nsfw=is_nsfw(sd, settings),
                 embedding=e,
             )
         )

@@ -1,11 +1,11 @@
-"""Finding and loading the Freepik checkpoint (TimmWrapper layout) into plain timm, and the model's identity."""
+"""Finding and loading the Freepik checkpoint (TimmWrapper layout) into plain timm, with its `ModelIdentity`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from safetensors import safe_open
 from timm.data import create_transform, resolve_data_config
 
 from search.errors import CheckpointMismatch, ModelNotFound
+from search.policy import ModelIdentity
 from search.settings import DEFAULT_ARCH, DEFAULT_MODEL, LEVELS
 
 WEIGHTS_FILE = "model.safetensors"
@@ -27,30 +28,6 @@ _HOW_TO_GET = (
     "or pass `--model DIR` with a directory holding config.json and model.safetensors "
     "(or `--model FILE.safetensors --arch ARCH`)."
 )
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a store records so that it never mixes vectors of two models."""
-
-    architecture: str
-    weights_sha256: str
-    preprocessing: dict[str, Any]
-    num_classes: int
-    label_names: tuple[str, ...]
-    embedding_dim: int
-    source: str = field(default="", compare=False)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "architecture": self.architecture,
-            "weights_sha256": self.weights_sha256,
-            "preprocessing": self.preprocessing,
-            "num_classes": self.num_classes,
-            "label_names": list(self.label_names),
-            "embedding_dim": self.embedding_dim,
-            "source": self.source,
-        }
 
 
 @dataclass
@@ -221,9 +198,9 @@ def load_model(model: str = DEFAULT_MODEL, arch: str | None = None) -> LoadedMod
         architecture=architecture,
         weights_sha256=sha256_file(files.weights),
         preprocessing=json.loads(json.dumps(data_config)),
+        embedding_dim=int(getattr(net, "num_features")),  # noqa: B009  (timm models set it; nn.Module typing does not know)
         num_classes=num_classes,
         label_names=_label_names(cfg, num_classes),
-        embedding_dim=int(getattr(net, "num_features")),  # noqa: B009  (timm models set it; nn.Module typing does not know)
         source=files.source,
     )
     return LoadedModel(net, identity, data_config)

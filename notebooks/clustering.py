@@ -61,15 +61,9 @@ from IPython.display import Image as PNG
 from IPython.display import display
 from PIL import Image, ImageFilter, ImageOps
 
-from search.clusters import (
-    cluster_summary,
-    get_cluster,
-    list_clusters,
-    load_vectors,
-    memberships,
-    run_clustering,
-    threshold_sweep,
-)
+from search.answers import ClusterSummary
+from search.clusters import cluster_summary, get_cluster, list_clusters, load_vectors, memberships, run_clustering
+from search.graph import threshold_sweep
 from search.settings import LEVELS, Settings
 from search.store import Store
 
@@ -94,35 +88,43 @@ def show(fig):
 store = Store(STORE, readonly=True)
 summary = cluster_summary(store, settings)
 if RUN_CLUSTERING and (
-    summary is None or not summary["fresh"] or (THRESHOLD is not None and summary["threshold"] != THRESHOLD)
+    summary is None or not summary.fresh or (THRESHOLD is not None and summary.threshold != THRESHOLD)
 ):
-    store.close()
-    out = run_clustering(STORE, settings, threshold=THRESHOLD, n_clusters=N_CLUSTERS, log=print)
-    store = Store(STORE, readonly=True)
+    with Store.writing(STORE, "nsfw-index cluster") as writer:  # opens writable and takes the writer lock
+        out = run_clustering(writer, settings, threshold=THRESHOLD, n_clusters=N_CLUSTERS, log=print)
     summary = cluster_summary(store, settings)
 if summary is None:
     raise SystemExit(f"{STORE} has no clustering yet: run `nsfw-index cluster --store {STORE}`")
-pd.Series({k: v for k, v in summary.items() if k != "timings"}, dtype=object)
+pd.Series({k: v for k, v in summary.to_json().items() if k != "timings"}, dtype=object)
 
 # %%
 ids, X = load_vectors(store)
-images = pd.read_sql_query(
-    f"SELECT id, level, {', '.join('s_' + lv for lv in LEVELS)} FROM images ORDER BY id", store.db.conn
-).set_index("id")
+rows = store.images(ids.tolist())
+images = pd.DataFrame(
+    {"level": [rows[i].level for i in ids], **{f"s_{lv}": [rows[i].scores[lv] for i in ids] for lv in LEVELS}},
+    index=pd.Index(ids, name="id"),
+)
 unsafe = store.known_unsafe(settings)
 images["known_unsafe"] = images.index.isin(list(unsafe))
 images["score"] = images[f"s_{LEVEL}"]
 images["cluster"] = pd.Series(memberships(store, "cluster"))
 images["group"] = pd.Series(memberships(store, "group"))
-items, page = [], 1
-while True:  # every cluster (K <= 4096: a few pages)
-    got = list_clusters(store, settings, kind="cluster", page=page, per_page=1000)
-    items += got["items"]
-    if page * got["per_page"] >= got["total"]:
-        break
-    page += 1
-clusters = pd.DataFrame(items).set_index("id")
-group_sizes = pd.read_sql_query("SELECT id, size, path_count FROM clusters WHERE kind = 'group'", store.db.conn)
+
+
+def every(kind):
+    """Every group or cluster of the latest clustering, page by page, as a DataFrame indexed by id."""
+    items, page = [], 1
+    while True:
+        got = list_clusters(store, settings, kind=kind, page=page, per_page=1000)
+        items += [item.to_json() for item in got.items]
+        if page * got.per_page >= got.total:
+            break
+        page += 1
+    return pd.DataFrame(items, columns=list(ClusterSummary.model_fields)).set_index("id")
+
+
+clusters = every("cluster")
+group_sizes = every("group")
 print(
     f"{len(ids)} images, {len(clusters)} clusters, {len(group_sizes)} near-duplicate groups, "
     f"{len(unsafe)} known-unsafe images"
@@ -135,13 +137,13 @@ clusters.head(10)
 # %% tags=["figure"]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 axes[0].hist(clusters["size"], bins=min(40, max(5, len(clusters))), color="#4477aa")
-axes[0].set(title=f"k-means cluster sizes (K={summary['k']})", xlabel="images in cluster", ylabel="clusters")
+axes[0].set(title=f"k-means cluster sizes (K={summary.k})", xlabel="images in cluster", ylabel="clusters")
 if len(group_sizes):
     counts = group_sizes["size"].value_counts().sort_index()
     axes[1].bar(counts.index.astype(str), counts.values, color="#aa7744")
 else:
     axes[1].text(0.5, 0.5, "no near-duplicate groups", ha="center", va="center")
-axes[1].set(title=f"near-duplicate group sizes (T={summary['threshold']})", xlabel="images in group", ylabel="groups")
+axes[1].set(title=f"near-duplicate group sizes (T={summary.threshold})", xlabel="images in group", ylabel="groups")
 show(fig)
 
 # %% [markdown]
@@ -268,16 +270,16 @@ def grid(rows, title):
 # ### The largest near-duplicate groups
 
 # %% tags=["figure"]
-largest = list_clusters(store, settings, kind="group", sort="size", per_page=GRID_GROUPS)["items"]
+largest = list_clusters(store, settings, kind="group", sort="size", per_page=GRID_GROUPS).items
 grid(
     [
         (
-            f"group {g['id']}\n{g['size']} images\n{g['path_count']} paths",
-            [m["id"] for m in get_cluster(store, settings, g["id"], limit=GRID_COLUMNS)["members"]],
+            f"group {g.id}\n{g.size} images\n{g.path_count} paths",
+            [m.id for m in get_cluster(store, settings, g.id, limit=GRID_COLUMNS).members],
         )
         for g in largest
     ],
-    f"largest near-duplicate groups (T={summary['threshold']})",
+    f"largest near-duplicate groups (T={summary.threshold})",
 )
 
 # %% [markdown]
@@ -288,15 +290,15 @@ grid(
 # %% tags=["figure"]
 flagged = [
     c
-    for c in list_clusters(store, settings, kind="cluster", sort="unsafe", per_page=GRID_UNSAFE_CLUSTERS)["items"]
-    if c["flagged"]
+    for c in list_clusters(store, settings, kind="cluster", sort="unsafe", per_page=GRID_UNSAFE_CLUSTERS).items
+    if c.flagged
 ]
-rows = []
+grid_rows = []
 for c in flagged:
-    members = get_cluster(store, settings, c["id"])["members"]
-    ordered = [m["id"] for m in members if m["sources"]] + [m["id"] for m in members if not m["sources"]]
-    rows.append((f"cluster {c['id']}\n{c['unsafe_count']}/{c['size']}\nunsafe", ordered))
-grid(rows, "clusters holding known-unsafe images")
+    members = get_cluster(store, settings, c.id).members
+    ordered = [m.id for m in members if m.sources] + [m.id for m in members if not m.sources]
+    grid_rows.append((f"cluster {c.id}\n{c.unsafe_count}/{c.size}\nunsafe", ordered))
+grid(grid_rows, "clusters holding known-unsafe images")
 
 # %% [markdown]
 # ## Picking the threshold
@@ -310,7 +312,7 @@ fig, ax = plt.subplots(figsize=(7, 3.6))
 ax.plot(sweep["threshold"], sweep["groups"], "o-", label="groups")
 ax.plot(sweep["threshold"], sweep["grouped_images"], "s-", label="images in groups")
 ax.plot(sweep["threshold"], sweep["largest"], "^-", label="largest group")
-ax.axvline(summary["threshold"], ls="--", color="grey", lw=1, label=f"current T={summary['threshold']}")
+ax.axvline(summary.threshold, ls="--", color="grey", lw=1, label=f"current T={summary.threshold}")
 ax.set(
     xlabel="cosine threshold T",
     ylabel="count",

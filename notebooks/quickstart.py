@@ -41,7 +41,7 @@ from pathlib import Path
 from indexer.analyze import analyze, query_answer
 from indexer.corpus import IMAGE_EXTENSIONS
 from indexer.extractor import Extractor
-from indexer.scoring import score_files
+from indexer.files import score_files
 from indexer.service import index_inputs
 from search.clusters import list_clusters, run_clustering
 from search.labels import label_images
@@ -56,11 +56,12 @@ print(extractor.identity.as_dict())
 
 # %% [markdown]
 # ## 1. Index a folder
-# Takes the store's writer lock, walks the folder (tar shards too), decodes safely, and writes every image once per
-# content hash. Running it again only processes new or changed files.
+# `Store.writing` opens the store and takes its writer lock; `index_inputs` walks the folder (tar shards too), decodes
+# safely, and writes every image once per content hash. Running it again only processes new or changed files.
 
 # %%
-summary = index_inputs(Path(STORE), [IMAGES], settings, extractor=extractor)
+with Store.writing(STORE, "quickstart index", create=True) as store:
+    summary = index_inputs(store, [IMAGES], settings, extractor=extractor)
 print(summary.counts())
 print({stage: round(seconds, 2) for stage, seconds in summary.timings.items()})
 
@@ -86,32 +87,32 @@ for path, result in score_files(files[:5], settings, extractor=extractor):
 
 # %%
 removed = files[0]
-events = label_images(
-    Path(STORE), [str(removed.resolve())], "unsafe", settings, who="quickstart", reason="example: removed by a reviewer"
-)
-print(events)
-with Store(STORE, readonly=True) as store:
+with Store(STORE) as store:
+    events = label_images(
+        store, [str(removed.resolve())], "unsafe", settings, who="quickstart", reason="example: removed by a reviewer"
+    )
     counts = store.counts(settings)
+print([event.to_json() for event in events])
 print(counts["images"], "images;", counts["known_unsafe"])
 
 # %% [markdown]
 # ## 4. Query with an image
 # `analyze` decodes, hashes and runs the model once; `query_answer` adds the nearest known-unsafe images (with the
-# reasons they are known-unsafe), the near-duplicates in the whole corpus and the PDQ matches. This is what
+# reasons they are known-unsafe), the near-duplicates in the whole corpus and the PDQ matches. Its `to_json()` is what
 # `nsfw-index query --json` prints and `POST /v1/query` returns.
 
 # %%
-searcher = Searcher(STORE, settings)
+searcher = Searcher.open(STORE, settings)
 query = files[min(1, len(files) - 1)]
 (analysis,) = analyze(extractor, [(query.name, query.read_bytes())], settings)
-answer = query_answer(analysis, searcher, k=3)
+answer = query_answer(analysis, searcher, k=3).to_json()
 print(json.dumps({k: answer[k] for k in ("nsfw", "nearest_unsafe", "near_duplicates", "pdq")}, indent=1)[:3000])
 
 # %% [markdown]
 # An indexed image can be queried by id without running the model again:
 
 # %%
-neighbours = searcher.neighbours(events[0]["id"], k=3)
+neighbours = searcher.neighbours(events[0].id, k=3).to_json()
 print({k: neighbours[k] for k in ("id", "known_unsafe_sources", "exact_duplicates")})
 print("near-duplicates:", neighbours["near_duplicates"][:5])
 searcher.close()
@@ -122,8 +123,9 @@ searcher.close()
 # flagged when it holds a known-unsafe image. See `clustering.ipynb` for the analysis.
 
 # %%
-out = run_clustering(STORE, settings, log=print)
-print({k: out[k] for k in ("images", "groups", "clusters", "flagged_groups", "flagged_clusters", "reason")})
+with Store.writing(STORE, "quickstart cluster") as store:
+    out = run_clustering(store, settings, log=print).to_json()
+print({k: out.get(k) for k in ("images", "groups", "clusters", "flagged_groups", "flagged_clusters", "reason")})
 with Store(STORE, readonly=True) as store:
-    for item in list_clusters(store, settings, kind="cluster", sort="unsafe", per_page=3)["items"]:
-        print(item)
+    for item in list_clusters(store, settings, kind="cluster", sort="unsafe", per_page=3).items:
+        print(item.to_json())

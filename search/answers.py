@@ -105,12 +105,15 @@ class SearchAnswer(Answer):
     pdq: Pdq
 
 
-class QueryAnswer(SearchAnswer):
+class QueryAnswer(Answer):
     """One image's answer: `nsfw-index query --json` prints it with `path`; `POST /v1/query` with `filename`."""
 
-    sha256: str
-    indexed_id: int | None = Field(None, description="The id of this exact content in the store, if it is indexed.")
     nsfw: Nsfw
+    sha256: str
+    nearest_unsafe: list[UnsafeNeighbour]
+    near_duplicates: list[NearDuplicate]
+    pdq: Pdq
+    indexed_id: int | None = Field(None, description="The id of this exact content in the store, if it is indexed.")
 
 
 class ExactDuplicates(Answer):
@@ -118,13 +121,16 @@ class ExactDuplicates(Answer):
     paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
 
 
-class NeighboursAnswer(SearchAnswer):
+class NeighboursAnswer(Answer):
     """The query answer for an indexed image, computed from its stored embedding (no model run)."""
 
     id: int
     nsfw: Nsfw
     known_unsafe_sources: list[Source]
     exact_duplicates: ExactDuplicates
+    nearest_unsafe: list[UnsafeNeighbour]
+    near_duplicates: list[NearDuplicate]
+    pdq: Pdq
 
 
 class LabelEvent(Answer):
@@ -238,8 +244,6 @@ class ClusterPage(Answer):
 class ClusteringSummary(Answer):
     """The latest clustering in a few numbers; flags as of now (`stats` and `cluster --json`)."""
 
-    model_config = ConfigDict(extra="allow")  # run_clustering adds `recomputed`, `reason` and the like
-
     clustering_id: int
     created_at: str
     images: int
@@ -254,6 +258,12 @@ class ClusteringSummary(Answer):
     largest_groups: builtins.list[int]
     fresh: bool
     timings: dict[str, float]
+    recomputed: bool | None = Field(
+        None, exclude_if=_absent, description="`cluster` only: False when the stored clustering was up to date."
+    )
+    reason: str | None = Field(
+        None, exclude_if=_absent, description="`cluster` only: why it recomputed, or 'up to date'."
+    )
 
 
 class Stats(Answer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -94,34 +94,48 @@ def _hash_column(line: str) -> int | None:
     return names.index("hash") if "hash" in names else None
 
 
-def parse_hash_list(path: str | os.PathLike[str]) -> HashListParse:
-    """Read a list of PDQ hashes: one hex hash per line, or a CSV whose header row has a `hash` column.
+def hash_list_lines(data: bytes, source: str) -> list[str]:
+    """The lines of a hash list given as bytes (UTF-8, an optional BOM); InvalidArgument naming `source` else."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"hash list {source}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return text.splitlines()
 
-    Blank lines and lines starting with '#' are skipped. Lines that do not hold a valid hash are reported in
-    ``bad_lines`` rather than raised; a hash repeated in the file is kept once (its first line). A file that cannot
-    be read or is not UTF-8 raises InvalidArgument.
-    """
+
+def read_hash_list_file(path: str | os.PathLike[str]) -> list[str]:
+    """The lines of a hash list file, for `parse_hash_list`; InvalidArgument naming the file when it cannot be read
+    or is not UTF-8."""
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise InvalidArgument(f"hash list {name}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        with open(name, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise InvalidArgument(f"hash list {name}: cannot be read ({e.strerror or e})") from e
+    return hash_list_lines(data, name)
 
+
+def parse_hash_list(lines: Iterable[str] | str) -> HashListParse:
+    """Parse a list of PDQ hashes (its text, or its lines): one hex hash per line, or a CSV whose header row has a
+    `hash` column.
+
+    Blank lines and lines starting with '#' are skipped. Lines that do not hold a valid hash are reported in
+    ``bad_lines`` rather than raised; a hash repeated in the list is kept once (its first line).
+    """
+    rows = lines.splitlines() if isinstance(lines, str) else [line.rstrip("\r\n") for line in lines]
+    if rows and rows[0].startswith("\ufeff"):
+        rows[0] = rows[0][1:]
     result = HashListParse()
     seen: set[str] = set()
-    lines = text.splitlines()
     column: int | None = None
     header_line = 0
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(rows, start=1):
         if not _is_skipped(line):
             column = _hash_column(line)
             header_line = number if column is not None else 0
             break
 
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(rows, start=1):
         if number == header_line or _is_skipped(line):
             continue
         if column is None:

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from search.answers import (
+    ExactDuplicates,
+    NearDuplicate,
+    NeighboursAnswer,
+    Nsfw,
+    Pdq,
+    PdqMatch,
+    SearchAnswer,
+    UnsafeNeighbour,
+)
 from search.errors import IndexMismatch, InvalidArgument
 from search.pdq import HashMatcher
+from search.policy import SOURCES, is_nsfw
 from search.settings import Settings
-from search.store import SOURCES, Store
+from search.store import Store
 from search.vectors import IndexFiles, Snapshot, set_search_params
 
 log = logging.getLogger(__name__)
@@ -27,12 +38,13 @@ class Searcher:
     """The read side of a store: FAISS snapshots kept in step with SQLite by `refresh()`. Thread-safe.
 
     With `persist=True` (the caller holds the writer lock) catch-ups are written back to the FAISS files; readers
-    leave files alone and catch up in memory, so they never block or disturb a writer.
+    leave files alone and catch up in memory, so they never block or disturb a writer. The searcher owns `store`:
+    `close()` closes it.
     """
 
-    def __init__(self, store_dir: str | Path, settings: Settings, *, persist: bool = False) -> None:
+    def __init__(self, store: Store, settings: Settings, *, persist: bool = False) -> None:
         self.settings = settings
-        self.store = Store(store_dir, readonly=not persist)
+        self.store = store
         self.persist = persist
         self.files = IndexFiles(self.store, settings)
         self._lock = threading.RLock()
@@ -46,17 +58,22 @@ class Searcher:
         self.loaded_at = 0.0
         self.refresh()
 
+    @classmethod
+    def open(cls, store_dir: str | os.PathLike[str], settings: Settings, *, persist: bool = False) -> Searcher:
+        """A searcher over the store at `store_dir`, opened read-only unless `persist` (then the caller holds the
+        writer lock)."""
+        store = Store(store_dir, readonly=not persist)
+        try:
+            return cls(store, settings, persist=persist)
+        except BaseException:
+            store.close()
+            raise
+
     # -- keeping up with the store -------------------------------------------------------------------------------------
     def state_token(self) -> tuple[Any, ...]:
         """Changes whenever anything the answers depend on changes in SQLite."""
-        db = self.store.db
         return (
-            self.store.max_image_id(),
-            self.store.count_images(),
-            self.store.deletion_epoch(),
-            db.execute("SELECT COALESCE(MAX(id), 0) FROM labels").fetchone()[0],
-            db.execute("SELECT COUNT(*) FROM hash_matches").fetchone()[0],
-            db.execute("SELECT COALESCE(MAX(id), 0) FROM list_hashes").fetchone()[0],
+            *self.store.answer_state(),
             str(self.store.get_info("index_factory", "Flat")),
             tuple((n, (self.files.read_manifest(n) or {}).get("generation")) for n in ("all", "unsafe")),
         )
@@ -97,15 +114,13 @@ class Searcher:
             return True
 
     def _load_hash_matchers(self) -> None:
-        rows = self.store.db.execute(
-            "SELECT h.id, h.hash, l.name FROM list_hashes h JOIN hash_lists l ON l.id = h.list_id"
-        ).fetchall()
+        rows = self.store.hash_list_entries()
         self._lists = HashMatcher() if rows else None
         if self._lists is not None:
             self._lists.add([r[0] for r in rows], [r[1] for r in rows])
         self._list_rows = {r[0]: (r[1], r[2]) for r in rows}
         human = [i for i, s in self._unsafe_map.items() if "human" in s]
-        hashed = [(i, r["pdq"]["hash"]) for i, r in self.store.images(human).items() if r["pdq"]["hash"]]
+        hashed = [(i, r.pdq.hash) for i, r in self.store.images(human).items() if r.pdq.hash]
         self._labelled = HashMatcher() if hashed else None
         if self._labelled is not None:
             self._labelled.add([i for i, _ in hashed], [h for _, h in hashed])
@@ -127,6 +142,11 @@ class Searcher:
     def close(self) -> None:
         self.store.close()
 
+    def indexed_id(self, sha256: str) -> int | None:
+        """The id of this exact content in the store, if it is indexed."""
+        with self._lock:
+            return self.store.ids_by_sha([sha256]).get(sha256)
+
     # -- queries --
     def nearest_unsafe(
         self,
@@ -136,7 +156,7 @@ class Searcher:
         sources: Sequence[str] | None = None,
         min_similarity: float | None = None,
         exclude: Sequence[int] = (),
-    ) -> list[dict[str, Any]]:
+    ) -> list[UnsafeNeighbour]:
         """The k nearest known-unsafe images (cosine), each with why it is known-unsafe."""
         k = k or self.settings.k
         if sources:
@@ -165,14 +185,14 @@ class Searcher:
             rows = self.store.images([i for i, _ in hits])
             paths = self.store.paths_of([i for i, _ in hits])
             return [
-                {
-                    "id": i,
-                    "similarity": s,
-                    "scores": rows[i]["scores"],
-                    "level": rows[i]["level"],
-                    "sources": self._unsafe_map.get(i, []),
-                    "paths": paths.get(i, []),
-                }
+                UnsafeNeighbour(
+                    id=i,
+                    similarity=s,
+                    scores=rows[i].scores,
+                    level=rows[i].level,
+                    sources=self._unsafe_map.get(i, []),
+                    paths=paths.get(i, []),
+                )
                 for i, s in hits
                 if i in rows
             ]
@@ -184,7 +204,7 @@ class Searcher:
         *,
         limit: int = DEFAULT_NEAR_DUPLICATE_LIMIT,
         exclude: Sequence[int] = (),
-    ) -> list[dict[str, Any]]:
+    ) -> list[NearDuplicate]:
         """Images of the whole corpus with cosine similarity >= threshold, most similar first (at most `limit`)."""
         t = self.settings.near_duplicate_threshold if threshold is None else threshold
         with self._lock:
@@ -203,23 +223,23 @@ class Searcher:
                 hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
             skip = set(exclude)
             hits = sorted(((i, s) for i, s in hits if s >= t and i not in skip), key=lambda h: (-h[1], h[0]))
-            return [{"id": i, "similarity": s} for i, s in hits[:limit]]
+            return [NearDuplicate(id=i, similarity=s) for i, s in hits[:limit]]
 
-    def pdq_matches(self, pdq_hash: str | None, max_distance: int | None = None) -> list[dict[str, Any]]:
+    def pdq_matches(self, pdq_hash: str | None, max_distance: int | None = None) -> list[PdqMatch]:
         """Imported hash-list entries and human-labelled unsafe images within the PDQ distance."""
         if not pdq_hash:
             return []
         d = self.settings.pdq_max_distance if max_distance is None else max_distance
-        out: list[dict[str, Any]] = []
+        out: list[PdqMatch] = []
         with self._lock:
             if self._lists is not None:
                 for hid, dist in self._lists.match([pdq_hash], d)[0]:
                     h, name = self._list_rows[hid]
-                    out.append({"source": "hash_list", "list": name, "hash": h, "distance": dist})
+                    out.append(PdqMatch(source="hash_list", list=name, hash=h, distance=dist))
             if self._labelled is not None:
                 for image_id, dist in self._labelled.match([pdq_hash], d)[0]:
-                    out.append({"source": "human", "id": image_id, "distance": dist})
-        return sorted(out, key=lambda m: m["distance"])
+                    out.append(PdqMatch(source="human", id=image_id, distance=dist))
+        return sorted(out, key=lambda m: m.distance)
 
     def answer(
         self,
@@ -232,15 +252,15 @@ class Searcher:
         min_similarity: float | None = None,
         threshold: float | None = None,
         exclude: Sequence[int] = (),
-    ) -> dict[str, Any]:
+    ) -> SearchAnswer:
         """The `nearest_unsafe`, `near_duplicates` and `pdq` parts of a query answer."""
-        return {
-            "nearest_unsafe": self.nearest_unsafe(
+        return SearchAnswer(
+            nearest_unsafe=self.nearest_unsafe(
                 embedding, k, sources=sources, min_similarity=min_similarity, exclude=exclude
             ),
-            "near_duplicates": self.near_duplicates(embedding, threshold, exclude=exclude),
-            "pdq": {"hash": pdq, "quality": quality, "matches": self.pdq_matches(pdq)},
-        }
+            near_duplicates=self.near_duplicates(embedding, threshold, exclude=exclude),
+            pdq=Pdq(hash=pdq, quality=quality, matches=self.pdq_matches(pdq)),
+        )
 
     def neighbours(
         self,
@@ -250,7 +270,7 @@ class Searcher:
         sources: Sequence[str] | None = None,
         min_similarity: float | None = None,
         threshold: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> NeighboursAnswer:
         """The answer for an indexed image, without running the model: it leaves itself out."""
         with self._lock:
             row = self.store.image(image_id)
@@ -258,28 +278,30 @@ class Searcher:
             paths = self.store.paths_of([image_id])[image_id]
             ans = self.answer(
                 vec,
-                pdq=row["pdq"]["hash"],
-                quality=row["pdq"]["quality"],
+                pdq=row.pdq.hash,
+                quality=row.pdq.quality,
                 k=k,
                 sources=sources,
                 min_similarity=min_similarity,
                 threshold=threshold,
                 exclude=[image_id],
             )
-            ans["pdq"]["matches"] = [m for m in ans["pdq"]["matches"] if m.get("id") != image_id]
+            ans.pdq.matches = [m for m in ans.pdq.matches if m.id != image_id]
             sources_now = self._unsafe_map.get(image_id, [])
-        return {
-            "id": image_id,
-            "nsfw": {
-                "probabilities": row["probabilities"],
-                "scores": row["scores"],
-                "level": row["level"],
-                "is_nsfw": row["scores"][self.settings.nsfw_level] >= self.settings.nsfw_threshold,
-            },
-            "known_unsafe_sources": sources_now,
-            "exact_duplicates": {"count": max(0, len(paths) - 1), "paths": paths},
-            **ans,
-        }
+        return NeighboursAnswer(
+            id=image_id,
+            nsfw=Nsfw(
+                probabilities=row.probabilities,
+                scores=row.scores,
+                level=row.level,
+                is_nsfw=is_nsfw(row.scores.to_json(), self.settings),
+            ),
+            known_unsafe_sources=sources_now,
+            exact_duplicates=ExactDuplicates(count=max(0, len(paths) - 1), paths=paths),
+            nearest_unsafe=ans.nearest_unsafe,
+            near_duplicates=ans.near_duplicates,
+            pdq=ans.pdq,
+        )
 
 
 def _as_query(vec: np.ndarray) -> np.ndarray:

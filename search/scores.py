@@ -1,4 +1,5 @@
-"""The Freepik score formula and the NSFW verdict, from the 4 softmax probabilities (no torch)."""
+"""The Freepik score formula and the most probable level, from the 4 softmax probabilities (no torch); the verdict
+is `search.policy.is_nsfw`."""
 
 from __future__ import annotations
 
@@ -28,11 +29,6 @@ def cumulative_scores(probabilities: Sequence[float] | np.ndarray) -> np.ndarray
 def level_of(probabilities: Sequence[float] | np.ndarray) -> str:
     """The most probable of neutral/low/medium/high."""
     return LEVELS[int(np.argmax(np.asarray(probabilities)))]
-
-
-def is_nsfw(scores: dict[str, float], level: str = "medium", threshold: float = 0.5) -> bool:
-    """The default verdict is `medium >= 0.5`."""
-    return bool(scores[level] >= threshold)
 
 
 def as_level_dict(values: Sequence[float] | np.ndarray) -> dict[str, float]:

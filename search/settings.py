@@ -92,21 +92,3 @@ class Settings(BaseSettings):
         import os
 
         return max(1, (os.cpu_count() or 2) - 1)
-
-    def parsed_api_keys(self) -> dict[str, frozenset[str]]:
-        """`KEY:read+write,KEY2:read` -> {KEY: {read, write}, ...}; a key with no rights part gets every right."""
-        out: dict[str, frozenset[str]] = {}
-        for part in self.api_keys.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            key, _, rights = part.partition(":")
-            names = {r.strip() for r in rights.split("+") if r.strip()} if rights else set(ALL_RIGHTS)
-            unknown = names - set(ALL_RIGHTS)
-            if unknown:
-                raise ValueError(f"unknown API key right(s) {sorted(unknown)}; known: {sorted(ALL_RIGHTS)}")
-            out[key.strip()] = frozenset(names)
-        return out
-
-
-ALL_RIGHTS: tuple[str, ...] = ("read", "write", "label", "read_paths")

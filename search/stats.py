@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import faiss
 import numpy as np
 
+from search.answers import Stats
 from search.settings import Settings
 from search.store import Store
 from search.vectors import IndexFiles, set_search_params
@@ -39,23 +37,26 @@ def recall_at_k(store: Store, files: IndexFiles, settings: Settings, sample: int
     return hits / (len(q) * kk)
 
 
-def store_stats(store_dir: Path, settings: Settings, *, recall_sample: int = 200) -> dict[str, Any]:
-    with Store(store_dir, readonly=True) as store:
-        data = store.counts(settings)
-        ident = store.model_identity() or {}
-        data["model"] = {k: ident.get(k) for k in ("architecture", "weights_sha256", "embedding_dim", "preprocessing")}
-        files = IndexFiles(store, settings)
-        data["indexes"] = files.freshness() if ident else {}
-        data["recall_at_10"] = recall_at_k(store, files, settings, recall_sample) if ident else None
-        data["runs"] = [
-            dict(zip(("id", "status", "started_at", "finished_at"), r, strict=True))
-            for r in store.db.execute("SELECT id, status, started_at, finished_at FROM runs ORDER BY id DESC LIMIT 5")
-        ]
-        data["known_unsafe_rule"] = {
+def store_stats(store: Store, settings: Settings, *, recall_sample: int = 200) -> Stats:
+    """Everything `stats` reports about an open store (read-only is enough)."""
+    from search.clusters import cluster_summary  # imported late, as before: clustering is the heaviest module
+
+    ident = store.model_identity()
+    files = IndexFiles(store, settings)
+    return Stats(
+        **store.counts(settings),
+        model={
+            "architecture": ident.architecture if ident else None,
+            "weights_sha256": ident.weights_sha256 if ident else None,
+            "embedding_dim": ident.embedding_dim if ident else None,
+            "preprocessing": ident.preprocessing if ident else None,
+        },
+        indexes=files.freshness() if ident else {},
+        recall_at_10=recall_at_k(store, files, settings, recall_sample) if ident else None,
+        runs=store.recent_runs(5),
+        known_unsafe_rule={
             "model": f"{settings.nsfw_level} >= {settings.nsfw_threshold}",
             "hash_list_max_distance": settings.pdq_max_distance,
-        }
-        from search.clusters import cluster_summary
-
-        data["clusters"] = cluster_summary(store, settings)
-        return data
+        },
+        clusters=cluster_summary(store, settings),
+    )

@@ -105,11 +105,11 @@ class IndexFiles:
 
     def expected(self, name: str) -> dict[str, Any]:
         """What a manifest must say to be served for this store (beyond generation, watermark and count)."""
-        ident = self.store.model_identity() or {}
+        ident = self.store.model_identity()
         exp: dict[str, Any] = {
             "name": name,
-            "model_weights_sha256": ident.get("weights_sha256"),
-            "dim": ident.get("embedding_dim"),
+            "model_weights_sha256": ident.weights_sha256 if ident else None,
+            "dim": ident.embedding_dim if ident else None,
             "metric": METRIC,
             "factory": self.factory_for(name),
             "deletion_epoch": self.store.deletion_epoch(),

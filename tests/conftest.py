@@ -144,3 +144,12 @@ def save_family(img: Image.Image, d: Path, stem: str) -> list[Path]:
     out[2].write_bytes(buf.getvalue())
     img.crop((1, 1, img.width - 1, img.height - 1)).save(out[3])
     return out
+
+
+def index_dir(store_dir: Path, inputs: list[str], settings, **kw: object):
+    """Index into the store at `store_dir` as the CLI does: open it with its writer lock, run, close."""
+    from indexer.service import index_inputs
+    from search.store import Store
+
+    with Store.writing(store_dir, "nsfw-index index", create=True) as store:
+        return index_inputs(store, inputs, settings, **kw)

@@ -24,11 +24,12 @@ from conftest import photo
 from PIL import Image
 
 from api.app import create_app
-from api.auth import KeyRing, key_name
+from api.auth import ALL_RIGHTS, KeyRing, key_name, parse_api_keys
 from api.server import BackgroundServer
 from indexer.analyze import analyze, query_answer
 from indexer.extractor import Extractor
 from indexer.service import index_inputs
+from search.errors import InvalidArgument
 from search.query import Searcher
 from search.settings import Settings
 from search.store import Store
@@ -92,8 +93,13 @@ def live(settings: Settings, extractor: Extractor) -> Iterator[tuple[httpx.Clien
         yield client, app
 
 
+def index_into(store_dir: Path, inputs: list[str], settings: Settings, extractor: Extractor) -> None:
+    with Store.writing(store_dir, "nsfw-index index", create=True) as store:
+        index_inputs(store, inputs, settings, extractor=extractor)
+
+
 def build_store(store: Path, corpus: Path, settings: Settings, extractor: Extractor) -> Path:
-    index_inputs(store, [str(corpus)], settings, extractor=extractor)
+    index_into(store, [str(corpus)], settings, extractor)
     return store
 
 
@@ -159,9 +165,9 @@ def test_query_single_image_equals_analyze_and_query_answer(shared, extractor):
     [got] = body["results"]
 
     [a] = analyze(extractor, [("three.png", data)], settings)
-    searcher = Searcher(settings.store, settings)  # type: ignore[arg-type]
+    searcher = Searcher.open(settings.store, settings)  # type: ignore[arg-type]
     try:
-        want = query_answer(a, searcher)  # type: ignore[arg-type]
+        want = query_answer(a, searcher).to_json()  # type: ignore[arg-type]
     finally:
         searcher.close()
     assert got["filename"] == "three.png"
@@ -236,9 +242,9 @@ def test_neighbours_answer_without_running_the_model(shared):
     assert r.status_code == 200, r.text
     got = r.json()
     assert worker.batches == before  # no inference
-    searcher = Searcher(settings.store, settings)  # type: ignore[arg-type]
+    searcher = Searcher.open(settings.store, settings)  # type: ignore[arg-type]
     try:
-        want = searcher.neighbours(image_id, k=4)
+        want = searcher.neighbours(image_id, k=4).to_json()
     finally:
         searcher.close()
     assert got["id"] == image_id and image_id not in [n["id"] for n in got["nearest_unsafe"]]
@@ -297,6 +303,20 @@ def test_reads_closed_by_setting(tmp_path, checkpoint, corpus, extractor):
             client.post("/v1/query", files={"file": ("a.png", png(photo(1)))}, headers=auth("read")).status_code == 200
         )
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_api_key_spec_is_parsed_with_clear_errors(checkpoint):
+    assert parse_api_keys("a:read+label,b") == {
+        "a": frozenset({"read", "label"}),
+        "b": frozenset(ALL_RIGHTS),
+    }
+    assert parse_api_keys(" , a:read ,") == {"a": frozenset({"read"})}
+    with pytest.raises(InvalidArgument, match=r"unknown API key right.*'fly'.*known"):
+        parse_api_keys("a:fly")
+    with pytest.raises(InvalidArgument, match="empty"):
+        parse_api_keys(":read")
+    with pytest.raises(InvalidArgument, match="unknown API key right"):
+        create_app(settings_for(checkpoint, Path("schema-only"), api_keys="k:read+fly"))
 
 
 def test_key_lookup_compares_every_key_in_constant_time(monkeypatch):
@@ -373,10 +393,10 @@ def test_added_image_is_found_exact_and_near(own):
 
 
 def test_add_while_an_index_run_holds_the_store_is_503_with_retry_after(own, monkeypatch):
-    import api.routes
+    import api.routers.images
 
     client, _, settings = own
-    monkeypatch.setattr(api.routes, "WRITE_LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(api.routers.images, "WRITE_LOCK_TIMEOUT", 0.2)
     with Store(settings.store) as store, store.writer_lock("nsfw-index index (test)"):  # type: ignore[arg-type]
         r = client.post("/v1/images", headers=auth("write"), files={"file": ("n.png", png(photo(500)))})
         assert_error(r, 503, "store_locked")
@@ -513,11 +533,10 @@ def test_body_cap_while_reading_chunked_and_declared(tmp_path, checkpoint, corpu
             yield b"\x89" * 65536
 
     with live(settings, extractor) as (client, _):
-        t0 = time.monotonic()
         r = client.post("/v1/query", content=endless(), headers={"Content-Type": "multipart/form-data; boundary=BB"})
         assert_error(r, 413, "too_large")
         assert "content-length" not in r.request.headers
-        assert sent < 64 * 1024 * 1024 and time.monotonic() - t0 < 10  # stopped early, not after reading it all
+        assert sent < 64 * 1024 * 1024  # stopped early (the bytes sent), not after reading the 1 GiB
         r = client.post("/v1/query", content=b"x" * (cap + 1), headers={"Content-Type": "multipart/form-data; b=1"})
         assert_error(r, 413, "too_large")
         small = client.post("/v1/query", files={"file": ("ok.png", png(photo(1)))})
@@ -598,22 +617,21 @@ def test_queue_full_is_503_at_once_and_healthz_stays_fast(tmp_path, checkpoint, 
         assert busy.wait(10)  # the worker holds the first request
         second = threading.Thread(target=send)
         second.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a generous bound on a wait, not a speed assertion
         while worker.queue.qsize() < 1 and time.monotonic() < deadline:  # the second one waits in the queue
             time.sleep(0.005)
         try:
-            t0 = time.perf_counter()
+            assert worker.queue.qsize() == 1 and worker.batches == 0
+            # Work done, not seconds: the worker stays inside its first batch until `release`, so an answer that
+            # comes while both requests are still pending and no batch has finished was given without waiting on
+            # inference.
             r = client.post("/v1/query", files={"file": ("a.png", png(photo(1)))})
-            took = time.perf_counter() - t0
             assert_error(r, 503, "overloaded")
             assert int(r.headers["retry-after"]) >= 1
-            assert took < 1.0
-            worst = 0.0
+            assert worker.queue.qsize() == 1  # refused, not queued
             for _ in range(20):
-                t0 = time.perf_counter()
                 assert client.get("/healthz").status_code == 200
-                worst = max(worst, time.perf_counter() - t0)
-            assert worst < 0.1, f"healthz took {worst * 1000:.0f} ms while inference was saturated"
+            assert statuses == [] and worker.batches == 0 and not release.is_set()  # still saturated throughout
         finally:
             release.set()
             first.join(30)
@@ -626,7 +644,7 @@ def test_readyz_503_when_the_store_belongs_to_another_model(tmp_path, checkpoint
     settings = settings_for(checkpoint, tmp_path / "store")
     build_store(tmp_path / "store", corpus, settings, extractor)
     with Store(tmp_path / "store") as store:
-        store.set_info("model", {**(store.model_identity() or {}), "weights_sha256": "0" * 64})
+        store.set_info("model", {**store.get_info("model"), "weights_sha256": "0" * 64})
     with live(settings, extractor) as (client, _):
         err = assert_error(client.get("/readyz"), 503, "model_mismatch")
         assert "another model" in err["message"]
@@ -665,8 +683,8 @@ def test_index_run_while_serving_becomes_visible(own, tmp_path, extractor):
         photo(seed).save(new / f"n{seed}.png")
     generation = app.state.service.index_info["generation"]
     searcher = app.state.service.searcher
-    index_inputs(settings.store, [str(new)], settings, extractor=extractor)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 15
+    index_into(settings.store, [str(new)], settings, extractor)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 30  # the background refresher's pace: a generous bound on a wait, not a speed test
     visible = False
     while not visible and time.monotonic() < deadline:
         got = client.post("/v1/query", files={"file": ("q.png", png(photo(401)))}).json()["results"][0]
@@ -705,7 +723,8 @@ def test_clusters_routes(tmp_path, checkpoint, corpus, extractor):
 
     settings = settings_for(checkpoint, tmp_path / "store")
     build_store(tmp_path / "store", corpus, settings, extractor)
-    run_clustering(tmp_path / "store", settings)
+    with Store.writing(tmp_path / "store", "nsfw-index cluster") as store:
+        run_clustering(store, settings)
     with live(settings, extractor) as (client, _):
         page = client.get("/v1/clusters", params={"per_page": 3})
         assert page.status_code == 200, page.text

@@ -19,6 +19,7 @@ from api.server import BackgroundServer
 from indexer.extractor import Extractor
 from indexer.service import index_inputs
 from search.settings import Settings
+from search.store import Store
 
 KEY = "schema-key"
 
@@ -40,11 +41,13 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> It
         reload_seconds=0.5,
     )
     extractor = Extractor.from_settings(settings)
-    index_inputs(root / "store", [str(corpus)], settings, extractor=extractor)
+    with Store.writing(root / "store", "nsfw-index index", create=True) as store:
+        index_inputs(store, [str(corpus)], settings, extractor=extractor)
     try:
         from search.clusters import run_clustering
 
-        run_clustering(root / "store", settings)
+        with Store.writing(root / "store", "nsfw-index cluster") as store:
+            run_clustering(store, settings)
     except ImportError:  # the cluster routes then answer 503, which the schema documents
         pass
     with BackgroundServer(create_app(settings, extractor=extractor)) as server:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,24 +17,30 @@ from click.testing import CliRunner
 from conftest import photo
 from PIL import Image
 
-from search.clusters import (
-    component_labels,
-    default_k,
-    get_cluster,
-    kmeans_labels,
-    list_clusters,
-    load_vectors,
-    memberships,
-    run_clustering,
-    threshold_sweep,
-)
+import search.graph as graph
+from search.answers import ClusteringSummary
+from search.clusters import get_cluster, list_clusters, load_vectors, memberships
+from search.clusters import run_clustering as run_on_store
 from search.errors import InvalidArgument, NotFound, StoreLocked
+from search.graph import component_labels, default_k, kmeans_labels, threshold_sweep
 from search.labels import label_images
+from search.policy import ModelIdentity
 from search.scores import cumulative_scores, level_of
 from search.settings import Settings
 from search.store import ImageRecord, Store
 
 DIM = 16
+
+
+def run_clustering(store_dir: Path, settings: Settings, **kw: Any) -> ClusteringSummary:
+    """What the `cluster` verb does: open the store with its writer lock, run, close."""
+    with Store.writing(store_dir, "nsfw-index cluster") as store:
+        return run_on_store(store, settings, **kw)
+
+
+def label(store_dir: Path, refs: list[str], name: str, settings: Settings, who: str) -> None:
+    with Store(store_dir) as store:
+        label_images(store, refs, name, settings, who=who)
 
 
 # -- vector stores (no model) ------------------------------------------------------------------------------------------
@@ -65,7 +72,7 @@ def fill_store(root: Path, x: np.ndarray, *, start: int = 0, scores_seed: int = 
     store = Store(root, create=True)
     try:
         store.check_model(
-            {"architecture": "test-arch", "weights_sha256": "0" * 64, "preprocessing": {}, "embedding_dim": x.shape[1]}
+            ModelIdentity(architecture="test-arch", weights_sha256="0" * 64, preprocessing={}, embedding_dim=x.shape[1])
         )
         run = store.begin_run("test", {})
         records, paths = [], []
@@ -139,7 +146,7 @@ def test_groups_equal_brute_force_components(vec_store, t: float) -> None:
     expected = partition(brute_force_groups(x, t), ids)
     assert len(expected) >= 10  # the planted families are there (and chains make transitivity matter)
     out = run_clustering(store_dir, Settings(), threshold=t)
-    assert out["recomputed"] and out["groups"] == len(expected)
+    assert out.recomputed and out.groups == len(expected)
     assert stored_groups(store_dir) == expected
     for method in ("exact", "ivf"):  # the approximate path agrees on a set this small
         _, labels, _ = component_labels(x, t, method=method)
@@ -155,11 +162,9 @@ def test_chain_is_one_group_although_its_ends_are_far(vec_store) -> None:
 
 
 def test_tiles_cover_every_pair() -> None:
-    import search.clusters as sc
-
     x = planted(150, seed=3)
     rows, cols = [], []
-    for r, c, s in sc._exact_edges(x, 0.9, tile=13):  # ragged tiles: pairs across and within tiles found once
+    for r, c, s in graph.exact_edges(x, 0.9, tile=13):  # ragged tiles: pairs across and within tiles found once
         assert np.all(r < c) and np.all(s >= np.float32(0.9))
         rows.append(r)
         cols.append(c)
@@ -169,23 +174,19 @@ def test_tiles_cover_every_pair() -> None:
 
 
 def test_large_stores_take_the_approximate_path(vec_store, monkeypatch) -> None:
-    import search.clusters as sc
-
     store_dir, x, ids = vec_store
-    monkeypatch.setattr(sc, "EXACT_MAX_IMAGES", 100)  # 400 images count as "large" here
+    monkeypatch.setattr(graph, "EXACT_MAX_IMAGES", 100)  # 400 images count as "large" here
     logs: list[str] = []
     out = run_clustering(store_dir, Settings(), threshold=0.9, log=logs.append)
-    assert out["method"] == "ivf" and any("IVF cells" in m for m in logs)
+    assert out.method == "ivf" and any("IVF cells" in m for m in logs)
     assert stored_groups(store_dir) == partition(brute_force_groups(x, 0.9), ids)
 
 
 def test_forest_folding_keeps_components(monkeypatch) -> None:
-    import search.clusters as sc
-
     x = planted(400, seed=5)
-    monkeypatch.setattr(sc, "_FOREST_FLUSH_EDGES", 3)  # fold after nearly every block
-    monkeypatch.setattr(sc, "TILE", 32)
-    _, labels, _ = sc.component_labels(x, 0.9, method="exact")
+    monkeypatch.setattr(graph, "FOREST_FLUSH_EDGES", 3)  # fold after nearly every block
+    monkeypatch.setattr(graph, "TILE", 32)
+    _, labels, _ = graph.component_labels(x, 0.9, method="exact")
     assert partition(labels, list(range(len(x)))) == partition(brute_force_groups(x, 0.9), list(range(len(x))))
 
 
@@ -223,7 +224,7 @@ def test_default_k_rule() -> None:
 def test_kmeans_assignments_cover_every_image_once(vec_store) -> None:
     store_dir, x, ids = vec_store
     out = run_clustering(store_dir, Settings(), n_clusters=12)
-    assert out["k"] == 12 and 1 <= out["clusters"] <= 12 and out["images"] == len(ids)
+    assert out.k == 12 and 1 <= out.clusters <= 12 and out.images == len(ids)
     with Store(store_dir, readonly=True) as store:
         rows = store.db.execute(
             "SELECT m.image_id FROM cluster_members m JOIN clusters c ON c.id = m.cluster_id WHERE c.kind = 'cluster'"
@@ -233,12 +234,12 @@ def test_kmeans_assignments_cover_every_image_once(vec_store) -> None:
         assert sizes == len(ids)
         # the representative is a member, and has the highest mean similarity to its cluster (the medoid)
         id_pos = {i: p for p, i in enumerate(ids)}
-        for item in list_clusters(store, Settings(), per_page=100)["items"]:
-            members = [m["id"] for m in get_cluster(store, Settings(), item["id"])["members"]]
-            assert item["representative_id"] in members
+        for item in list_clusters(store, Settings(), per_page=100).items:
+            members = [m.id for m in get_cluster(store, Settings(), item.id).members]
+            assert item.representative_id in members
             xs = x[[id_pos[m] for m in members]]
             mean_sim = (xs @ xs.T).mean(axis=1)
-            assert mean_sim[members.index(item["representative_id"])] >= mean_sim.max() - 1e-5
+            assert mean_sim[members.index(item.representative_id)] >= mean_sim.max() - 1e-5
     labels = kmeans_labels(x, 7)
     assert labels.shape == (len(x),) and set(labels.tolist()) <= set(range(7))
     assert kmeans_labels(x[:3], 10).max() <= 2  # K <= N
@@ -248,43 +249,49 @@ def test_k_larger_than_n_is_lowered(tmp_path: Path) -> None:
     fill_store(tmp_path / "s", planted()[:5])
     logs: list[str] = []
     out = run_clustering(tmp_path / "s", Settings(), n_clusters=50, log=logs.append)
-    assert out["k"] == 5 and any("lowered" in m for m in logs)
+    assert out.k == 5 and any("lowered" in m for m in logs)
 
 
 # -- freshness and the lock --------------------------------------------------------------------------------------------
 def test_up_to_date_then_recomputes_when_the_store_grows(vec_store) -> None:
     store_dir, x, _ = vec_store
     first = run_clustering(store_dir, Settings(), threshold=0.95)
-    assert first["recomputed"] and "first clustering" in first["reason"]
+    assert first.recomputed and "first clustering" in first.reason
     again = run_clustering(store_dir, Settings(), threshold=0.95)
-    assert not again["recomputed"] and again["reason"] == "up to date"
-    assert again["groups"] == first["groups"] and again["clustering_id"] == first["clustering_id"]
+    assert not again.recomputed and again.reason == "up to date"
+    assert again.groups == first.groups and again.clustering_id == first.clustering_id
     forced = run_clustering(store_dir, Settings(), threshold=0.95, force=True)
-    assert forced["recomputed"] and "forced" in forced["reason"]
+    assert forced.recomputed and "forced" in forced.reason
     with Store(store_dir, readonly=True) as store:
-        old_ids = {c["id"] for c in list_clusters(store, Settings(), kind="group", per_page=1000)["items"]}
+        old_ids = {c.id for c in list_clusters(store, Settings(), kind="group", per_page=1000).items}
     # a new near-duplicate of row 0 arrives: stale, then recomputed, and it joins row 0's group
     new = unit(x[0] + 0.01)
     (new_id,) = fill_store(store_dir, new[None, :], start=len(x))
     with Store(store_dir, readonly=True) as store:
         from search.clusters import cluster_summary
 
-        assert cluster_summary(store)["fresh"] is False
+        assert cluster_summary(store).fresh is False
     grown = run_clustering(store_dir, Settings(), threshold=0.95)
-    assert grown["recomputed"] and "grew by 1 images" in grown["reason"] and grown["images"] == len(x) + 1
-    assert grown["fresh"]
+    assert grown.recomputed and "grew by 1 images" in grown.reason and grown.images == len(x) + 1
+    assert grown.fresh
     with Store(store_dir, readonly=True) as store:
-        groups = list_clusters(store, Settings(), kind="group", per_page=1000)["items"]
-        assert not old_ids & {c["id"] for c in groups}  # ids are never reused
+        groups = list_clusters(store, Settings(), kind="group", per_page=1000).items
+        assert not old_ids & {c.id for c in groups}  # ids are never reused
     assert any(new_id in g and 1 in g for g in stored_groups(store_dir))
     changed = run_clustering(store_dir, Settings(), threshold=0.9)
-    assert changed["recomputed"] and "threshold changed" in changed["reason"]
+    assert changed.recomputed and "threshold changed" in changed.reason
 
 
 def test_writer_lock_is_taken(vec_store) -> None:
     store_dir, _, _ = vec_store
     with Store(store_dir) as store, store.writer_lock("someone else"), pytest.raises(StoreLocked):
         run_clustering(store_dir, Settings())
+
+
+def test_run_needs_the_writer_lock(vec_store) -> None:
+    store_dir, _, _ = vec_store
+    with Store(store_dir) as store, pytest.raises(StoreLocked, match=r"Store\.writing"):
+        run_on_store(store, Settings())
 
 
 def test_empty_store_says_what_to_do(tmp_path: Path) -> None:
@@ -298,18 +305,18 @@ def test_list_and_get_paging_sorting_and_errors(vec_store) -> None:
     store_dir, _, _ = vec_store
     settings = Settings(nsfw_threshold=0.99)  # almost nothing is model-flagged: flags come from labels below
     with Store(store_dir, readonly=True) as store:
-        assert list_clusters(store, settings)["items"] == [] and list_clusters(store, settings)["total"] == 0
+        assert list_clusters(store, settings).items == [] and list_clusters(store, settings).total == 0
     run_clustering(store_dir, settings, threshold=0.95, n_clusters=10)
     with Store(store_dir, readonly=True) as store:
         groups = list_clusters(store, settings, kind="group", per_page=1000)
-        sizes = [(-g["size"], g["id"]) for g in groups["items"]]
-        assert sizes == sorted(sizes) and groups["total"] == len(groups["items"]) and groups["fresh"]
-        p1 = list_clusters(store, settings, kind="group", per_page=3, page=1)["items"]
-        p2 = list_clusters(store, settings, kind="group", per_page=3, page=2)["items"]
-        assert [g["id"] for g in p1 + p2] == [g["id"] for g in groups["items"][:6]]
-        assert list_clusters(store, settings, kind="group", page=1000)["items"] == []
+        sizes = [(-g.size, g.id) for g in groups.items]
+        assert sizes == sorted(sizes) and groups.total == len(groups.items) and groups.fresh
+        p1 = list_clusters(store, settings, kind="group", per_page=3, page=1).items
+        p2 = list_clusters(store, settings, kind="group", per_page=3, page=2).items
+        assert [g.id for g in p1 + p2] == [g.id for g in groups.items[:6]]
+        assert list_clusters(store, settings, kind="group", page=1000).items == []
         item = p1[0]
-        assert set(item) >= {
+        assert set(item.to_json()) >= {
             "id",
             "kind",
             "size",
@@ -324,43 +331,43 @@ def test_list_and_get_paging_sorting_and_errors(vec_store) -> None:
                 list_clusters(store, settings, **bad)
         with pytest.raises(NotFound):
             get_cluster(store, settings, 10**9)
-        full = get_cluster(store, settings, item["id"])
-        assert full["size"] == len(full["members"]) == full["members_total"] == item["size"]
-        sims = [m["similarity"] for m in full["members"]]
+        full = get_cluster(store, settings, item.id)
+        assert full.size == len(full.members) == full.members_total == item.size
+        sims = [m.similarity for m in full.members]
         assert sims == sorted(sims, reverse=True) and sims[0] == pytest.approx(1.0, abs=1e-5)
-        assert {"id", "similarity", "scores", "level", "sources"} <= set(full["members"][0])
-        assert len(get_cluster(store, settings, item["id"], limit=1)["members"]) == 1
+        assert {"id", "similarity", "scores", "level", "sources"} <= set(full.members[0].to_json())
+        assert len(get_cluster(store, settings, item.id, limit=1).members) == 1
         # scores: the stored mean and max agree with the members'
-        vals = [m["scores"]["medium"] for m in full["members"]]
-        assert full["max_score"] == pytest.approx(max(vals), abs=1e-5)
-        assert full["mean_score"] == pytest.approx(sum(vals) / len(vals), abs=1e-5)
+        vals = [m.scores["medium"] for m in full.members]
+        assert full.max_score == pytest.approx(max(vals), abs=1e-5)
+        assert full.mean_score == pytest.approx(sum(vals) / len(vals), abs=1e-5)
         # sort by unsafe count once two small groups hold human-labelled images
-        small = [g for g in groups["items"] if g["size"] == 2][:2]
+        small = [g for g in groups.items if g.size == 2][:2]
     for g in small:
         with Store(store_dir, readonly=True) as store:
-            member = get_cluster(store, settings, g["id"])["members"][0]["id"]
-        label_images(store_dir, [str(member)], "unsafe", settings, who="test")
+            member = get_cluster(store, settings, g.id).members[0].id
+        label(store_dir, [str(member)], "unsafe", settings, who="test")
     with Store(store_dir, readonly=True) as store:
-        by_unsafe = list_clusters(store, settings, kind="group", sort="unsafe", per_page=1000)["items"]
-        assert {g["id"] for g in by_unsafe[:2]} == {g["id"] for g in small}
-        assert [g["id"] for g in by_unsafe[:2]] == sorted(g["id"] for g in small)  # ties by id
-        assert all(g["flagged"] for g in by_unsafe[:2]) and not any(g["flagged"] for g in by_unsafe[2:])
+        by_unsafe = list_clusters(store, settings, kind="group", sort="unsafe", per_page=1000).items
+        assert {g.id for g in by_unsafe[:2]} == {g.id for g in small}
+        assert [g.id for g in by_unsafe[:2]] == sorted(g.id for g in small)  # ties by id
+        assert all(g.flagged for g in by_unsafe[:2]) and not any(g.flagged for g in by_unsafe[2:])
 
 
 def test_exact_duplicates_are_a_group_with_their_path_count(tmp_path: Path) -> None:
     x = unit(np.random.default_rng(9).standard_normal((30, DIM)))
     ids = fill_store(tmp_path / "s", x, extra_paths=2)  # image 0 is stored at 3 paths
     out = run_clustering(tmp_path / "s", Settings(), threshold=0.99)
-    assert out["groups"] == 1 and out["grouped_images"] == 1
+    assert out.groups == 1 and out.grouped_images == 1
     with Store(tmp_path / "s", readonly=True) as store:
-        (g,) = list_clusters(store, Settings(), kind="group")["items"]
-        assert g["size"] == 1 and g["path_count"] == 3 and g["representative_id"] == ids[0]
-        assert get_cluster(store, Settings(), g["id"])["members"][0]["path_count"] == 3
+        (g,) = list_clusters(store, Settings(), kind="group").items
+        assert g.size == 1 and g.path_count == 3 and g.representative_id == ids[0]
+        assert get_cluster(store, Settings(), g.id).members[0].path_count == 3
 
 
 def test_search_imports_clusters_without_torch() -> None:
     code = (
-        "import sys; import search.clusters, search.stats, search.store; "
+        "import sys; import search.clusters, search.graph, search.stats, search.store; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -389,7 +396,8 @@ def image_store(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> t
     for s in range(10):
         photo(200 + s, (90, 72)).save(corpus / f"solo{s}.png")
     shutil.copy(corpus / "solo0.png", corpus / "solo0_copy.png")
-    index_inputs(root / "store", [str(corpus)], Settings(model=str(checkpoint), workers=0, device="cpu"))
+    with Store.writing(root / "store", "nsfw-index index", create=True) as store:
+        index_inputs(store, [str(corpus)], Settings(model=str(checkpoint), workers=0, device="cpu"))
     return root / "store", families, corpus
 
 
@@ -413,11 +421,11 @@ def test_planted_families_come_out_as_groups(image_store_copy) -> None:
     copy_id = ids_of(store_dir, [corpus / "solo0.png"])
     assert ids_of(store_dir, [corpus / "solo0_copy.png"]) == copy_id  # content-deduplicated
     assert groups == expected | {frozenset(copy_id)}
-    assert out["groups"] == 4 and out["grouped_images"] == 10 and out["images"] == 19
+    assert out.groups == 4 and out.grouped_images == 10 and out.images == 19
     with Store(store_dir, readonly=True) as store:
-        items = list_clusters(store, Settings(), kind="group")["items"]
-        assert [g["size"] for g in items] == [3, 3, 3, 1]
-        assert items[-1]["path_count"] == 2  # the exact duplicate: one image, two paths
+        items = list_clusters(store, Settings(), kind="group").items
+        assert [g.size for g in items] == [3, 3, 3, 1]
+        assert items[-1].path_count == 2  # the exact duplicate: one image, two paths
         assert {m for c, m in memberships(store, "cluster").items()} and len(memberships(store, "cluster")) == 19
         x_ids, x = load_vectors(store)
         assert len(x_ids) == 19 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
@@ -430,14 +438,14 @@ def test_flags_follow_labels(image_store_copy) -> None:
     # exactly one image is known-unsafe by the model's score
     settings = Settings(nsfw_threshold=float(top[1]))
     out = run_clustering(store_dir, settings, threshold=0.95)
-    assert out["flagged_clusters"] == 1
+    assert out.flagged_clusters == 1
     fam_ids = ids_of(store_dir, families[0])
     target = min(fam_ids - {top[0]})
 
     def state() -> tuple[dict[int, dict], dict[int, dict]]:
         with Store(store_dir, readonly=True) as store:
-            groups = {g["id"]: g for g in list_clusters(store, settings, kind="group")["items"]}
-            clusters = {c["id"]: c for c in list_clusters(store, settings, per_page=1000)["items"]}
+            groups = {g.id: g.to_json() for g in list_clusters(store, settings, kind="group").items}
+            clusters = {c.id: c.to_json() for c in list_clusters(store, settings, per_page=1000).items}
             return groups, clusters
 
     def group_of(image_id: int, kind: str) -> int:
@@ -446,17 +454,17 @@ def test_flags_follow_labels(image_store_copy) -> None:
 
     groups, clusters = state()
     assert not groups[group_of(target, "group")]["flagged"]
-    label_images(store_dir, [str(target)], "unsafe", settings, who="reviewer")  # after clustering: flags at once
+    label(store_dir, [str(target)], "unsafe", settings, who="reviewer")  # after clustering: flags at once
     groups, clusters = state()
     assert groups[group_of(target, "group")]["flagged"] and groups[group_of(target, "group")]["unsafe_count"] == 1
     assert clusters[group_of(target, "cluster")]["flagged"]
     with Store(store_dir, readonly=True) as store:
         detail = get_cluster(store, settings, group_of(target, "group"))
-        assert {m["id"]: m["sources"] for m in detail["members"]}[target] == ["human"]
+        assert {m.id: m.sources for m in detail.members}[target] == ["human"]
     # --safe on the model-flagged image: its cluster loses that flag
     model_cluster = group_of(int(top[0]), "cluster")
     before = clusters[model_cluster]["unsafe_count"]
-    label_images(store_dir, [str(top[0])], "safe", settings, who="reviewer")
+    label(store_dir, [str(top[0])], "safe", settings, who="reviewer")
     groups, clusters = state()
     assert clusters[model_cluster]["unsafe_count"] == before - 1
     if model_cluster != group_of(target, "cluster"):
@@ -465,7 +473,7 @@ def test_flags_follow_labels(image_store_copy) -> None:
         from search.clusters import cluster_summary
 
         summary = cluster_summary(store, settings)
-        assert summary["flagged_groups"] == 1 and summary["fresh"]
+        assert summary.flagged_groups == 1 and summary.fresh
 
 
 def test_cli_cluster_json(image_store_copy) -> None:
@@ -488,13 +496,18 @@ def test_stats_shows_the_clustering(vec_store) -> None:
     from search.stats import store_stats
 
     store_dir, _, _ = vec_store
-    assert store_stats(store_dir, Settings())["clusters"] is None
+
+    def stats() -> Any:
+        with Store(store_dir, readonly=True) as store:
+            return store_stats(store, Settings())
+
+    assert stats().clusters is None
     out = run_clustering(store_dir, Settings(), threshold=0.95)
-    cl = store_stats(store_dir, Settings())["clusters"]
-    assert {k: cl[k] for k in ("groups", "clusters", "threshold", "fresh")} == {
-        "groups": out["groups"],
-        "clusters": out["clusters"],
+    cl = stats().clusters
+    assert {k: getattr(cl, k) for k in ("groups", "clusters", "threshold", "fresh")} == {
+        "groups": out.groups,
+        "clusters": out.clusters,
         "threshold": 0.95,
         "fresh": True,
     }
-    assert cl["largest_groups"] == sorted(cl["largest_groups"], reverse=True) and len(cl["largest_groups"]) <= 5
+    assert cl.largest_groups == sorted(cl.largest_groups, reverse=True) and len(cl.largest_groups) <= 5

@@ -94,7 +94,7 @@ def test_scores_match_transformers_and_reference_formula(checkpoint: Path, tmp_p
 
     loaded = load_model(str(checkpoint))
     ex = Extractor(loaded, Settings(device="cpu", batch_size=2))
-    from indexer.scoring import score_files
+    from indexer.files import score_files
 
     out = list(score_files(files, ex.settings, ex))
     got_p = np.array([[r.probabilities[k] for k in ("neutral", "low", "medium", "high")] for _, r in out])

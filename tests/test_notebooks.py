@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import photo
+from conftest import index_dir, photo
 from PIL import Image
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -92,14 +92,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def built_store(tmp_path_factory: pytest.TempPathFactory, corpus: Path, checkpoint: Path) -> Path:
     """A store of the corpus with a human label, so that a cluster is flagged."""
-    from indexer.service import index_inputs
     from search.labels import label_images
     from search.settings import Settings
+    from search.store import Store
 
     store = tmp_path_factory.mktemp("nbstore") / "store"
     settings = Settings(model=str(checkpoint), workers=0, device="cpu")
-    index_inputs(store, [str(corpus)], settings)
-    label_images(store, [str(corpus / "fam0_small.png")], "unsafe", settings, who="test")
+    index_dir(store, [str(corpus)], settings)
+    with Store(store) as handle:
+        label_images(handle, [str(corpus / "fam0_small.png")], "unsafe", settings, who="test")
     return store
 
 
@@ -180,7 +181,7 @@ def test_clustering_notebook_runs_on_search_alone(
 
     with Store(store, readonly=True) as s:
         summary = cluster_summary(s, Settings(nsfw_threshold=1.0))
-    assert summary is not None and summary["groups"] == 4 and summary["flagged_groups"] == 1
+    assert summary is not None and summary.groups == 4 and summary.flagged_groups == 1
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from search.pdq import (
     hex_to_bytes,
     normalize_hex,
     parse_hash_list,
+    read_hash_list_file,
 )
 
 
@@ -146,7 +147,7 @@ def test_parse_plain_hash_list(tmp_path: Path) -> None:
         + "\n",
         encoding="utf-8",
     )
-    parsed = parse_hash_list(path)
+    parsed = parse_hash_list(read_hash_list_file(path))
     assert parsed.hashes == [(2, h1), (5, h2)]
     assert [(n, text) for n, text, _ in parsed.bad_lines] == [(4, "not-a-hash"), (7, h2[:-1])]
     assert all(reason for _, _, reason in parsed.bad_lines)
@@ -171,7 +172,7 @@ def test_parse_csv_hash_list(tmp_path: Path) -> None:
         + "\n",
         encoding="utf-8",
     )
-    parsed = parse_hash_list(str(path))
+    parsed = parse_hash_list(read_hash_list_file(str(path)))
     assert parsed.hashes == [(2, h1), (3, h2), (7, h3)]
     assert [n for n, _, _ in parsed.bad_lines] == [4, 6]
     assert parsed.bad_lines[0][1] == "3,zzzz,80,bad hash"
@@ -181,9 +182,9 @@ def test_parse_hash_list_unreadable(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"caf\xe9\n")
     with pytest.raises(InvalidArgument, match=re.escape("latin1.txt")):
-        parse_hash_list(bad)
+        read_hash_list_file(bad)
     with pytest.raises(InvalidArgument, match=re.escape("missing.txt")):
-        parse_hash_list(tmp_path / "missing.txt")
+        read_hash_list_file(tmp_path / "missing.txt")
 
 
 # --- matching ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from conftest import photo, run_cli, save_family
 from indexer.service import index_inputs
 from search.errors import InvalidArgument, NotFound
 from search.labels import import_hash_list, label_images
-from search.pdq import compute_pdq
+from search.pdq import compute_pdq, read_hash_list_file
 from search.query import Searcher
 from search.settings import Settings
 from search.store import Store
@@ -35,10 +35,26 @@ def corpus(tmp_path: Path) -> Path:
     return d
 
 
+def _index(store: Path, inputs: list[str], settings: Settings, extractor) -> None:
+    with Store.writing(store, "nsfw-index index", create=True) as st:
+        index_inputs(st, inputs, settings, extractor=extractor)
+
+
+def _label(store: Path, refs: list[str], label: str, settings: Settings, **kw) -> list[dict]:
+    with Store(store) as st:
+        return [e.to_json() for e in label_images(st, refs, label, settings, **kw)]
+
+
+def _import(store: Path, listed: Path, name: str, settings: Settings) -> dict:
+    with Store(store, create=True) as st:
+        out = import_hash_list(st, read_hash_list_file(listed), name, settings, source=str(listed.resolve()))
+        return out.to_json()
+
+
 @pytest.fixture
 def store(tmp_path: Path, corpus: Path, settings_for, extractor) -> Path:
     s = tmp_path / "store"
-    index_inputs(s, [str(corpus)], settings_for(), extractor=extractor)
+    _index(s, [str(corpus)], settings_for(), extractor)
     return s
 
 
@@ -55,12 +71,12 @@ def _id(store: Path, path: Path) -> int:
 
 def test_planted_near_duplicates_are_found_and_strangers_are_not(store, corpus, settings_for) -> None:
     settings = settings_for(near_duplicate_threshold=0.95)
-    s = Searcher(store, settings)
+    s = Searcher.open(store, settings)
     fam = corpus / "families"
     for f in range(FAMILIES):
         me = _id(store, fam / f"fam{f}.png")
         copies = {_id(store, fam / f"fam{f}{suffix}") for suffix in ("_small.png", "_q70.jpg", "_crop.png")}
-        ans = s.neighbours(me)
+        ans = s.neighbours(me).to_json()
         found = {d["id"] for d in ans["near_duplicates"]}
         assert found == copies, f"family {f}"
         assert me not in found  # an indexed image leaves itself out
@@ -71,7 +87,7 @@ def test_planted_near_duplicates_are_found_and_strangers_are_not(store, corpus, 
 def test_near_duplicates_and_nearest_unsafe_equal_brute_force(store, settings_for) -> None:
     settings = settings_for(near_duplicate_threshold=0.5, k=5)
     ids, x = _all(store)
-    s = Searcher(store, settings)
+    s = Searcher.open(store, settings)
     with Store(store, readonly=True) as st:
         unsafe = st.known_unsafe(settings)
     assert 0 < len(unsafe) < len(ids)  # the tiny model flags some images and not others
@@ -79,7 +95,7 @@ def test_near_duplicates_and_nearest_unsafe_equal_brute_force(store, settings_fo
     for qi in range(0, len(ids), 3):
         sims = x @ x[qi]
         want_dups = {int(i) for i, v in zip(ids, sims, strict=True) if v >= 0.5 and i != ids[qi]}
-        got = s.neighbours(int(ids[qi]))
+        got = s.neighbours(int(ids[qi])).to_json()
         assert {d["id"] for d in got["near_duplicates"]} == want_dups
         order = np.argsort(-np.where(umask & (ids != ids[qi]), sims, -np.inf), kind="stable")
         want_unsafe = [int(ids[j]) for j in order[: min(5, int(umask.sum() - umask[qi]))]]
@@ -99,27 +115,27 @@ def test_labels_sources_and_a_human_safe_over_the_model(store, corpus, settings_
     assert model_flagged and clean
     human = clean[0]
     overridden = model_flagged[0]
-    events = label_images(store, [str(human)], "unsafe", settings, who="alice", reason="removed")
+    events = _label(store, [str(human)], "unsafe", settings, who="alice", reason="removed")
     assert events[0]["id"] == human
-    label_images(store, [str(overridden)], "safe", settings, who="bob")
+    _label(store, [str(overridden)], "safe", settings, who="bob")
     with Store(store, readonly=True) as st:
         ku = st.known_unsafe(settings)
         assert ku[human] == ["human"]
         assert overridden not in ku
-        hist = st.label_history(human)
+        hist = [e.to_json() for e in st.label_history(human)]
         assert hist[-1]["label"] == "unsafe" and hist[-1]["who"] == "alice" and hist[-1]["reason"] == "removed"
 
-    s = Searcher(store, settings)
+    s = Searcher.open(store, settings)
     probe = next(i for i in clean if i != human)
-    ans = s.neighbours(probe, k=50)
+    ans = s.neighbours(probe, k=50).to_json()
     ids = [n["id"] for n in ans["nearest_unsafe"]]
     assert human in ids and overridden not in ids
-    only_human = s.neighbours(probe, k=50, sources=["human"])["nearest_unsafe"]
+    only_human = s.neighbours(probe, k=50, sources=["human"]).to_json()["nearest_unsafe"]
     assert [n["id"] for n in only_human] == [human]
     assert all("human" in n["sources"] for n in only_human)
-    only_model = s.neighbours(probe, k=50, sources=["model"])["nearest_unsafe"]
+    only_model = s.neighbours(probe, k=50, sources=["model"]).to_json()["nearest_unsafe"]
     assert human not in {n["id"] for n in only_model} and only_model
-    far = s.neighbours(probe, k=50, min_similarity=0.99)["nearest_unsafe"]
+    far = s.neighbours(probe, k=50, min_similarity=0.99).to_json()["nearest_unsafe"]
     assert all(n["similarity"] >= 0.99 for n in far)
     with pytest.raises(InvalidArgument):
         s.neighbours(probe, sources=["rumour"])
@@ -127,9 +143,9 @@ def test_labels_sources_and_a_human_safe_over_the_model(store, corpus, settings_
     # the log is append-only; clearing restores the model's verdict
     with Store(store) as st, pytest.raises(Exception, match="append-only"):
         st.db.execute("DELETE FROM labels")
-    label_images(store, [str(overridden)], "clear", settings)
+    _label(store, [str(overridden)], "clear", settings)
     assert s.refresh()
-    assert overridden in {n["id"] for n in s.neighbours(probe, k=50)["nearest_unsafe"]}
+    assert overridden in {n["id"] for n in s.neighbours(probe, k=50).to_json()["nearest_unsafe"]}
     s.close()
 
 
@@ -137,12 +153,12 @@ def test_labelling_is_all_or_nothing_and_refs_resolve_by_path_and_sha(store, cor
     settings = settings_for()
     path = corpus / "single0.png"
     with Store(store, readonly=True) as st:
-        sha = st.image(st.resolve_image(str(path)))["sha256"]
+        sha = st.image(st.resolve_image(str(path))).sha256
     with pytest.raises(NotFound, match="nothing was labelled"):
-        label_images(store, [str(path), "999999"], "unsafe", settings)
+        _label(store, [str(path), "999999"], "unsafe", settings)
     with Store(store, readonly=True) as st:
         assert st.label_history(st.resolve_image(str(path))) == []
-    out = label_images(store, [sha, str(path)], "unsafe", settings)
+    out = _label(store, [sha, str(path)], "unsafe", settings)
     assert out[0]["id"] == out[1]["id"]
     csv = store.parent / "labels.csv"
     csv.write_text(f"path,label,reason\n{corpus / 'single1.png'},unsafe,ticket 9\n{corpus / 'single2.png'},safe,\n")
@@ -158,7 +174,7 @@ def test_unsafe_index_updates_without_a_full_rebuild_and_agrees_after_a_crash(st
     unsafe_gen = json.loads((files_dir / "unsafe.manifest.json").read_text())["generation"]
     with Store(store, readonly=True) as st:
         target = next(i for i in range(1, st.max_image_id() + 1) if i not in st.known_unsafe(settings))
-    label_images(store, [str(target)], "unsafe", settings)
+    _label(store, [str(target)], "unsafe", settings)
     m_all = json.loads((files_dir / "all.manifest.json").read_text())
     m_unsafe = json.loads((files_dir / "unsafe.manifest.json").read_text())
     assert m_all["generation"] == all_gen  # the big index was not touched
@@ -172,7 +188,7 @@ def test_unsafe_index_updates_without_a_full_rebuild_and_agrees_after_a_crash(st
             [target],
         )
         st.db.conn.commit()
-    s = Searcher(store, settings)
+    s = Searcher.open(store, settings)
     with Store(store, readonly=True) as st:
         assert sorted(index_ids(s._unsafe.index).tolist()) == sorted(st.known_unsafe(settings))
     assert target not in set(index_ids(s._unsafe.index).tolist())
@@ -191,9 +207,9 @@ def test_hash_list_matches_reencoded_copies_without_their_images(tmp_path, setti
         im.save(buf, "JPEG", quality=75)
         (corpus / f"copy{i}.jpg").write_bytes(buf.getvalue())
     store = tmp_path / "store"
-    index_inputs(store, [str(corpus)], settings_for(nsfw_threshold=1.0), extractor=extractor)  # model flags nothing
+    _index(store, [str(corpus)], settings_for(nsfw_threshold=1.0), extractor)  # model flags nothing
     strict = settings_for(nsfw_threshold=1.0)
-    out = import_hash_list(store, listed, "removed", strict)
+    out = _import(store, listed, "removed", strict)
     assert out["hashes"] == 2 and out["matched_images"] == 2
     assert [b["line"] for b in out["bad_lines"]] == [4]
     with Store(store, readonly=True) as st:
@@ -201,29 +217,29 @@ def test_hash_list_matches_reencoded_copies_without_their_images(tmp_path, setti
         want = {st.resolve_image(str(corpus / f"copy{i}.jpg")) for i in range(2)}
     assert set(ku) == want and all(v == ["hash_list"] for v in ku.values())
     # a query with another re-encode of a listed original reports the list match
-    s = Searcher(store, strict)
-    ans = s.neighbours(min(want))
+    s = Searcher.open(store, strict)
+    ans = s.neighbours(min(want)).to_json()
     assert ans["pdq"]["matches"] and ans["pdq"]["matches"][0]["list"] == "removed"
     assert ans["pdq"]["matches"][0]["distance"] <= 31
     other = max(want)
-    assert {n["id"] for n in s.neighbours(other)["nearest_unsafe"]} == want - {other}
+    assert {n["id"] for n in s.neighbours(other).to_json()["nearest_unsafe"]} == want - {other}
     s.close()
     # images indexed after the import are matched as they arrive
     buf = io.BytesIO()
     originals[0].resize((200, 150)).save(buf, "PNG")
     (corpus / "late.png").write_bytes(buf.getvalue())
-    index_inputs(store, [str(corpus)], strict, extractor=extractor)
+    _index(store, [str(corpus)], strict, extractor)
     with Store(store, readonly=True) as st:
         assert st.known_unsafe(strict)[st.resolve_image(str(corpus / "late.png"))] == ["hash_list"]
     # a human safe overrides the list
-    label_images(store, [str(corpus / "late.png")], "safe", strict)
+    _label(store, [str(corpus / "late.png")], "safe", strict)
     with Store(store, readonly=True) as st:
         assert st.resolve_image(str(corpus / "late.png")) not in st.known_unsafe(strict)
 
 
 def test_query_cli_json_contract(store, corpus, settings_for) -> None:
     fam = corpus / "families"
-    label_images(store, [str(fam / "fam1.png")], "unsafe", settings_for())
+    _label(store, [str(fam / "fam1.png")], "unsafe", settings_for())
     p = run_cli(
         "query",
         str(fam / "fam1_q70.jpg"),
@@ -274,9 +290,9 @@ def test_approximate_index_factory_is_stored_checked_and_measured(store, setting
     assert m["factory"] == "HNSW8" and m["metric"] == "inner_product"
     st = json.loads(run_cli("stats", "--store", str(store), "--json", check=True).stdout)
     assert 0.8 <= st["recall_at_10"] <= 1.0
-    s = Searcher(store, settings_for(near_duplicate_threshold=0.95))
+    s = Searcher.open(store, settings_for(near_duplicate_threshold=0.95))
     fam0 = _id(store, corpus / "families" / "fam0.png")
-    assert len(s.neighbours(fam0)["near_duplicates"]) == 3  # HNSW has no range search: top-k then threshold
+    assert len(s.neighbours(fam0).to_json()["near_duplicates"]) == 3  # HNSW has no range search: top-k then threshold
     s.close()
     p = run_cli("rebuild", "--store", str(store), "--index-factory", "IVF2,Flat", check=True)
     st = json.loads(run_cli("stats", "--store", str(store), "--json", check=True).stdout)
@@ -317,17 +333,11 @@ def test_settings_flags_beat_env_beat_defaults(monkeypatch: pytest.MonkeyPatch) 
     assert s.k == 7 and s.nsfw_threshold == 0.3 and s.near_duplicate_threshold == 0.90
     with pytest.raises(ValueError):
         Settings(nsfw_threshold=2)
-    assert Settings(api_keys="a:read+label,b").parsed_api_keys() == {
-        "a": frozenset({"read", "label"}),
-        "b": frozenset({"read", "write", "label", "read_paths"}),
-    }
-    with pytest.raises(ValueError, match="unknown API key right"):
-        Settings(api_keys="a:fly").parsed_api_keys()
 
 
 def test_opening_a_missing_store_says_how_to_create_one(tmp_path) -> None:
     with pytest.raises(Exception, match=r"no store at .*nsfw-index index"):
-        Searcher(tmp_path / "nothing", Settings())
+        Searcher.open(tmp_path / "nothing", Settings())
     assert not (tmp_path / "nothing").exists()  # a reader never creates a store
 
 
@@ -340,7 +350,7 @@ def test_a_list_imported_during_an_index_run_is_matched_by_the_run(tmp_path, set
     corpus.mkdir()
     photo(1).save(corpus / "a.png")
     store = tmp_path / "store"
-    index_inputs(store, [str(corpus)], settings, extractor=extractor)
+    _index(store, [str(corpus)], settings, extractor)
     target = photo(2, (256, 192))
     h, q = compute_pdq(target)
     dim = 64
@@ -354,7 +364,7 @@ def test_a_list_imported_during_an_index_run_is_matched_by_the_run(tmp_path, set
         writer.write_batch(run, [rec("a" * 64)], [("/x/before.png", "a" * 64, 1, 1)])
         lst = tmp_path / "l.txt"
         lst.write_text(h + "\n")
-        out = import_hash_list(store, lst, "late", settings)  # meanwhile, another process imports a list
+        out = _import(store, lst, "late", settings)  # meanwhile, another process imports a list
         assert out["matched_images"] == 1  # what was committed before the import
         writer.write_batch(run, [rec("b" * 64)], [("/x/after.png", "b" * 64, 1, 1)])  # and after it
         ku = writer.known_unsafe(settings)

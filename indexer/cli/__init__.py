@@ -1,0 +1,36 @@
+"""The `nsfw-index` command line: translates flags to Settings and errors to exit codes; logic lives elsewhere."""
+
+# One module per kind of verb (`analysis`: score, query; `store`: index, rebuild, stats, export; `review`: label,
+# import-hashes, cluster; `serve`), the shared options in `options`, the text printers in `output`. Each verb opens
+# the store once and hands it to the engine.
+
+from __future__ import annotations
+
+import click
+
+from indexer.cli.analysis import query, score
+from indexer.cli.review import cluster, import_hashes, label
+from indexer.cli.serve import serve
+from indexer.cli.store import export, index, rebuild, stats
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="nsfw-index")
+def cli() -> None:
+    """NSFW scores, nearest known-unsafe images, near-duplicates and clusters for an image corpus.
+
+    \b
+    Example:
+      nsfw-index index ~/corpus --store ./store
+      nsfw-index query upload.jpg --store ./store --json
+    """
+
+
+for _command in (score, index, query, label, import_hashes, cluster, stats, export, rebuild, serve):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="nsfw-index")

@@ -1,0 +1,138 @@
+"""The verbs that run the model on files: `score` (no store) and `query` (against a store)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from indexer.cli.options import (
+    EXIT_FAILED_ITEMS,
+    emit,
+    handle_errors,
+    json_option,
+    model_options,
+    require_store,
+    search_options,
+    settings_from,
+    store_option,
+)
+from indexer.cli.output import print_query, print_score_table
+from search.errors import InvalidImage
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_options
+@json_option("One JSON object per line per image.")
+@click.option("--with-embedding", is_flag=True, help="Include the L2-normalised embedding (with --json).")
+@handle_errors
+def score(images: tuple[Path, ...], as_json: bool, with_embedding: bool, **flags: Any) -> None:
+    """Score images with the NSFW classifier (no store needed).
+
+    \b
+    Example:
+      nsfw-index score a.jpg b.png --json
+    Exit status 1 if any image failed (its line has `path` and `error`), 2 if nothing could run.
+    """
+    from indexer.files import score_files
+
+    settings = settings_from(**flags)
+    failed = 0
+    rows = []
+    for path, result in score_files(images, settings):
+        if isinstance(result, InvalidImage):
+            failed += 1
+            row: dict[str, Any] = {"path": str(path), "error": str(result)}
+        else:
+            row = {"path": str(path), **result.nsfw().to_json()}
+            if with_embedding:
+                row["embedding"] = result.embedding_json()
+        if as_json:
+            emit(row)
+        else:
+            rows.append(row)
+    if not as_json:
+        print_score_table(rows)
+    if failed:
+        sys.exit(EXIT_FAILED_ITEMS)
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@store_option
+@model_options
+@click.option("-k", "k", type=click.IntRange(1, 1000), default=None, help="Nearest known-unsafe images (default 10).")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    type=click.Choice(["human", "hash_list", "model"]),
+    help="Only known-unsafe neighbours from these sources (repeatable).",
+)
+@click.option(
+    "--min-similarity",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Only known-unsafe neighbours at least this similar.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Near-duplicate cosine similarity threshold (default 0.90).",
+)
+@click.option(
+    "--pdq-max-distance",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="PDQ Hamming distance that counts as a match (default 31).",
+)
+@search_options
+@json_option("One JSON object per line per image.")
+@handle_errors
+def query(
+    images: tuple[Path, ...],
+    k: int | None,
+    sources: tuple[str, ...],
+    min_similarity: float | None,
+    threshold: float | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Score images and find their nearest known-unsafe images, near-duplicates and PDQ matches in a store.
+
+    \b
+    Example:
+      nsfw-index query upload.jpg --store ./store -k 5 --source human --json
+    Exit status 1 if any image failed (its line has `path` and `error`).
+    """
+    from indexer.files import query_files
+    from search.query import Searcher
+    from search.store import Store
+
+    settings = settings_from(**flags, k=k, near_duplicate_threshold=threshold)
+    failed = 0
+    with Store(require_store(settings), readonly=True) as store:
+        searcher = Searcher(store, settings)
+        try:
+            answers = query_files(
+                images, searcher, settings, k=settings.k, sources=list(sources) or None, min_similarity=min_similarity
+            )
+            for path, ans in answers:
+                if isinstance(ans, InvalidImage):
+                    failed += 1
+                    if as_json:
+                        emit({"path": str(path), "error": str(ans)})
+                    else:
+                        print_query(str(path), None, str(ans))
+                elif as_json:
+                    emit({"path": str(path), **ans.to_json()})
+                else:
+                    print_query(str(path), ans)
+        finally:
+            searcher.close()
+    if failed:
+        sys.exit(EXIT_FAILED_ITEMS)

@@ -1,0 +1,138 @@
+"""The verbs of review work on a store: `label`, `import-hashes` (the inputs of known-unsafe) and `cluster`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from indexer.cli.options import emit, handle_errors, json_option, require_store, settings_from, store_option
+from indexer.cli.output import print_clustering, print_import, print_label
+
+
+@click.command()
+@click.argument("refs", nargs=-1)
+@store_option
+@click.option("--unsafe", "label", flag_value="unsafe", help="Mark as known-unsafe.")
+@click.option("--safe", "label", flag_value="safe", help="Mark as safe (overrides the model and hash lists).")
+@click.option("--clear", "label", flag_value="clear", help="Withdraw the human label.")
+@click.option("--reason", default=None, help="Why (kept in the label log).")
+@click.option("--who", default=None, help="Who labels (default: the login name).")
+@click.option(
+    "--from-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CSV with a column id/sha256/path and optional label and reason columns.",
+)
+@json_option("One JSON object per label event.")
+@handle_errors
+def label(
+    refs: tuple[str, ...],
+    store: Path | None,
+    label: str | None,
+    reason: str | None,
+    who: str | None,
+    from_file: str | None,
+    as_json: bool,
+) -> None:
+    """Label images unsafe/safe (or clear the label) by id, path or sha256; appends to the label log.
+
+    \b
+    Example:
+      nsfw-index label --store ./store --unsafe 17 /data/x.jpg --reason "removed, ticket 123"
+    """
+    from search.labels import label_images
+    from search.store import Store
+
+    settings = settings_from(store=store)
+    if label is None and not from_file:
+        raise click.UsageError("say --unsafe, --safe or --clear")
+    # writable, without the writer lock: labels are appended while an index run goes on
+    with Store(require_store(settings)) as handle:
+        events = label_images(handle, list(refs), label, settings, who=who, reason=reason, from_file=from_file)
+    for e in events:
+        if as_json:
+            emit(e.to_json())
+        else:
+            print_label(e)
+
+
+@click.command("import-hashes")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@store_option
+@click.option("--name", required=True, help="Name of the hash list (importing again adds to it).")
+@click.option("--replace", is_flag=True, help="Replace the list of that name instead of adding to it.")
+@click.option(
+    "--pdq-max-distance",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="Hamming distance that counts as a match (default 31).",
+)
+@json_option()
+@handle_errors
+def import_hashes(
+    file: str, store: Path | None, name: str, replace: bool, pdq_max_distance: int | None, as_json: bool
+) -> None:
+    """Import a PDQ hash list (one hex hash a line, or CSV with a `hash` column) and match the store against it.
+
+    \b
+    Example:
+      nsfw-index import-hashes removed.csv --name removed-2026 --store ./store
+    """
+    from search.labels import import_hash_list
+    from search.pdq import read_hash_list_file
+    from search.store import Store
+
+    settings = settings_from(store=store, pdq_max_distance=pdq_max_distance)
+    lines = read_hash_list_file(file)
+    # writable, without the writer lock (as labels); a list may come before any image, so the store may be created
+    with Store(require_store(settings), create=True) as handle:
+        out = import_hash_list(handle, lines, name, settings, replace=replace, source=str(Path(file).resolve()))
+    if as_json:
+        emit(out.to_json())
+    else:
+        print_import(out)
+
+
+@click.command()
+@store_option
+@click.option(
+    "--threshold",
+    type=click.FloatRange(-1, 1),
+    default=None,
+    help="Cosine similarity that links two images into one near-duplicate group (default 0.90).",
+)
+@click.option(
+    "--clusters",
+    "n_clusters",
+    type=click.IntRange(1),
+    default=None,
+    help="Number of k-means clusters (default: about sqrt(N/2), at most 4096).",
+)
+@click.option("--force", is_flag=True, help="Recompute even if nothing changed.")
+@json_option("Print the summary as one JSON object.")
+@handle_errors
+def cluster(store: Path | None, threshold: float | None, n_clusters: int | None, force: bool, as_json: bool) -> None:
+    """Compute near-duplicate groups and k-means clusters, flagging those that hold known-unsafe images.
+
+    \b
+    Example:
+      nsfw-index cluster --store ./store --threshold 0.92 --clusters 200
+    """
+    from search.clusters import run_clustering
+    from search.store import Store
+
+    settings = settings_from(store=store, near_duplicate_threshold=threshold)
+    with Store.writing(require_store(settings), "nsfw-index cluster") as handle:
+        out = run_clustering(
+            handle,
+            settings,
+            threshold=threshold,
+            n_clusters=n_clusters,
+            force=force,
+            log=lambda msg: click.echo(msg, err=True),
+        )
+    if as_json:
+        emit(out.to_json())
+    else:
+        print_clustering(out)

@@ -1,0 +1,128 @@
+"""The decoder stage of an index run: `prepare_image` in worker processes; a crashed worker fails one file."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from indexer.prepare import Prepared, Transform, prepare_or_error
+from search.errors import InvalidImage
+
+Outcome = Prepared | InvalidImage
+
+# -- in a worker process --
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(data_config: dict[str, Any], max_bytes: int, max_pixels: int) -> None:
+    """Build the model's transform once per worker (from the data config: the model itself stays in the parent)."""
+    from timm.data import create_transform
+
+    torch.set_num_threads(1)  # workers are many; one thread each
+    _WORKER["transform"] = create_transform(**data_config, is_training=False)
+    _WORKER["max_bytes"] = max_bytes
+    _WORKER["max_pixels"] = max_pixels
+
+
+def _prepare_in_worker(name: str, data: bytes, sha256: str) -> Outcome:
+    return prepare_or_error(
+        name,
+        data,
+        transform=_WORKER["transform"],
+        max_bytes=_WORKER["max_bytes"],
+        max_pixels=_WORKER["max_pixels"],
+        sha256=sha256,
+    )
+
+
+class _InlineExecutor(Executor):
+    """`--workers 0`: prepare in this process, at submit (tests, debugging)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        f: Future[Any] = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
+
+
+# -- in the indexing process --
+def _lost(future: Future[Outcome]) -> bool:
+    """A job the broken pool will never finish (a job it finished before breaking keeps its result)."""
+    if not future.done() or future.cancelled():
+        return True
+    return isinstance(future.exception(), BrokenProcessPool)
+
+
+@dataclass
+class DecodeJob:
+    """One content hash being prepared; keeps its bytes so that it can be resubmitted after a worker crash."""
+
+    name: str
+    sha256: str
+    data: bytes
+    future: Future[Outcome]
+
+
+class DecoderPool:
+    """Prepares images with `workers` processes (0: inline). `outcome` turns a crash or an unexpected error of one
+    decode into that file's InvalidImage, replacing a broken pool and resubmitting the jobs still waiting."""
+
+    def __init__(
+        self, *, workers: int, data_config: dict[str, Any], transform: Transform, max_bytes: int, max_pixels: int
+    ) -> None:
+        self.workers = workers
+        self.data_config = data_config
+        self.transform = transform
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.restarts = 0
+        self._executor = self._start()
+
+    def _start(self) -> Executor:
+        if self.workers == 0:
+            return _InlineExecutor()
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.data_config, self.max_bytes, self.max_pixels),
+        )
+
+    def _prepare_here(self, name: str, data: bytes, sha256: str) -> Outcome:
+        return prepare_or_error(
+            name, data, transform=self.transform, max_bytes=self.max_bytes, max_pixels=self.max_pixels, sha256=sha256
+        )
+
+    def _submit(self, name: str, data: bytes, sha256: str) -> Future[Outcome]:
+        fn = self._prepare_here if self.workers == 0 else _prepare_in_worker
+        return self._executor.submit(fn, name, data, sha256)
+
+    def submit(self, name: str, data: bytes, sha256: str) -> DecodeJob:
+        return DecodeJob(name, sha256, data, self._submit(name, data, sha256))
+
+    def outcome(self, job: DecodeJob, waiting: Iterable[DecodeJob] = ()) -> Outcome:
+        """The job's result. When its worker died (a hostile file can crash a C decoder) the job fails alone: the
+        pool is replaced and every job in `waiting` (not yet collected) is submitted again."""
+        try:
+            return job.future.result()
+        except BrokenProcessPool:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._start()
+            self.restarts += 1
+            for other in waiting:
+                if _lost(other.future):
+                    other.future = self._submit(other.name, other.data, other.sha256)
+            return InvalidImage(job.name, "the decoder process crashed on this file", kind="invalid")
+        except Exception as e:  # anything else a decoder raises is that file's problem, not the run's
+            return InvalidImage(job.name, f"decoding failed: {type(e).__name__}: {e}", kind="invalid")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,95 @@
+"""The one image-preparation path: (name, bytes) -> safe decode, sha256, PDQ hash, the model's transform."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from indexer.decode import decode_image
+from search.errors import InvalidImage
+from search.pdq import compute_pdq
+
+#: The model's eval transform: an RGB Pillow image to a (3, H, W) tensor (timm `create_transform`).
+Transform = Callable[[Image.Image], Any]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the model: its input tensor and the facts the store records. Picklable (plain numpy), so
+    decoder processes hand it back as is."""
+
+    name: str
+    sha256: str
+    size: int  # bytes of the encoded input
+    width: int  # after the EXIF transpose
+    height: int
+    format: str  # Pillow's format name
+    pdq: str | None  # None when PDQ cannot hash the image (it is still analysed)
+    pdq_quality: int | None
+    tensor: np.ndarray  # (3, H, W) float32: the model's input
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step: decode, sha256, pdq, transform
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.timings.values())
+
+
+def prepare_image(
+    name: str,
+    data: bytes,
+    *,
+    transform: Transform,
+    max_bytes: int,
+    max_pixels: int,
+    sha256: str | None = None,
+) -> Prepared:
+    """Decode untrusted bytes safely, hash them (sha256, PDQ) and apply the model's transform; or raise InvalidImage.
+
+    `sha256` skips hashing when the caller has already hashed `data` (the index run routes content by it).
+    """
+    t0 = time.perf_counter()
+    decoded = decode_image(data, name, max_bytes=max_bytes, max_pixels=max_pixels)
+    t1 = time.perf_counter()
+    sha = sha256 or hashlib.sha256(data).hexdigest()
+    t2 = time.perf_counter()
+    try:
+        pdq, quality = compute_pdq(decoded.image)
+    except Exception:  # PDQ is an extra: an image it cannot hash is still analysed
+        pdq, quality = None, None
+    t3 = time.perf_counter()
+    tensor = np.ascontiguousarray(np.asarray(transform(decoded.image), dtype=np.float32))
+    t4 = time.perf_counter()
+    return Prepared(
+        name=name,
+        sha256=sha,
+        size=len(data),
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.format,
+        pdq=pdq,
+        pdq_quality=quality,
+        tensor=tensor,
+        timings={"decode": t1 - t0, "sha256": t2 - t1, "pdq": t3 - t2, "transform": t4 - t3},
+    )
+
+
+def prepare_or_error(
+    name: str,
+    data: bytes,
+    *,
+    transform: Transform,
+    max_bytes: int,
+    max_pixels: int,
+    sha256: str | None = None,
+) -> Prepared | InvalidImage:
+    """`prepare_image`, with a refused image returned (not raised) so that a batch carries its failures in order."""
+    try:
+        return prepare_image(name, data, transform=transform, max_bytes=max_bytes, max_pixels=max_pixels, sha256=sha256)
+    except InvalidImage as e:
+        return e

@@ -1,0 +1,240 @@
+"""The image tables' SQL (images, paths, errors): writing batches, pruning, reading rows, paths and vectors."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from search.answers import ImageRow
+from search.errors import NotFound
+from search.store.hashlists import HashListTables
+from search.store.rows import IMAGE_COLUMNS, ImageRecord, blob, image_row, utcnow, vectors_from_blobs
+from search.store.sql import chunks, marks
+
+_INSERT_IMAGE = (
+    "INSERT OR IGNORE INTO images (sha256, size, width, height, format, p_neutral, p_low, p_medium, p_high, "
+    "s_neutral, s_low, s_medium, s_high, level, embedding, pdq, pdq_quality, run_id, indexed_at)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPSERT_PATH = (
+    "INSERT INTO paths (path, image_id, size, mtime_ns, run_id, seen_at) VALUES (?,?,?,?,?,?) "
+    "ON CONFLICT(path) DO UPDATE SET image_id=excluded.image_id, size=excluded.size, "
+    "mtime_ns=excluded.mtime_ns, run_id=excluded.run_id, seen_at=excluded.seen_at"
+)
+
+
+class ImageTables(HashListTables):
+    """Mixin of `Store`: images keyed by content sha256, the paths that hold them, and per-path errors."""
+
+    # -- writing --
+    def write_batch(
+        self,
+        run_id: int,
+        images: Sequence[ImageRecord],
+        paths: Sequence[tuple[str, str, int | None, int | None]],
+        errors: Sequence[tuple[str, str, str]] = (),
+        *,
+        match_distance: int = 64,
+    ) -> dict[str, int]:
+        """Insert new images, then point paths (path, sha256, size, mtime_ns) at them, in one transaction.
+
+        Returns sha256 -> id for every sha the batch touched. Idempotent: an image whose sha is already stored is
+        not written again. A path that now holds other content is re-pointed; successful paths lose their error; a
+        path that fails now no longer points at its old content. New images are matched against every imported PDQ
+        hash list (up to `match_distance`) read inside the same transaction: a crash never leaves an image without
+        its matches, and a list imported while an index run goes on is never missed (the import matches what was
+        committed before it, this matches what the import committed).
+        """
+        now = utcnow()
+        with self.transaction() as conn:
+            conn.executemany(
+                _INSERT_IMAGE,
+                [
+                    [
+                        *(r.sha256, r.size, r.width, r.height, r.format),
+                        *map(float, r.probabilities),
+                        *map(float, r.scores),
+                        *(r.level, blob(r.embedding), r.pdq, r.pdq_quality, run_id, now),
+                    ]
+                    for r in images
+                ],
+            )
+            ids = self.ids_by_sha({r.sha256 for r in images} | {p[1] for p in paths})
+            touched: set[int] = set()  # images that may have lost their last path
+            for path, *_ in [*paths, *errors]:
+                row = conn.execute("SELECT image_id FROM paths WHERE path = ?", [path]).fetchone()
+                if row:
+                    touched.add(int(row[0]))
+            for path, sha, size, mtime_ns in paths:
+                if sha not in ids:
+                    raise NotFound(f"internal: path {path} points at sha256 {sha} that is not stored")
+                conn.execute(_UPSERT_PATH, [path, ids[sha], size, mtime_ns, run_id, now])
+                conn.execute("DELETE FROM errors WHERE path = ?", [path])
+            matcher = self._hash_list_matcher(conn) if any(r.pdq for r in images) else None
+            if matcher is not None:
+                new = [r for r in images if r.pdq]
+                found = matcher.match([str(r.pdq) for r in new], match_distance)
+                self._insert_matches(
+                    [(ids[r.sha256], hid, dist) for r, hits in zip(new, found, strict=True) for hid, dist in hits]
+                )
+            for path, reason, kind in errors:
+                conn.execute("DELETE FROM paths WHERE path = ?", [path])
+                conn.execute(
+                    "INSERT OR REPLACE INTO errors (path, reason, kind, run_id, at) VALUES (?,?,?,?,?)",
+                    [path, reason, kind, run_id, now],
+                )
+            if touched:  # content that lost its last path by being overwritten is dropped like a pruned one
+                self._drop_orphans(conn, touched)
+        return ids
+
+    def _drop_orphans(self, conn: sqlite3.Connection, candidates: set[int] | None = None) -> int:
+        """Delete images no path points at (among `candidates`, or all); bumps the deletion epoch."""
+        q = "SELECT id FROM images WHERE NOT EXISTS (SELECT 1 FROM paths WHERE paths.image_id = images.id)"
+        if candidates is None:
+            orphans = [r[0] for r in conn.execute(q)]
+        else:
+            orphans = [
+                i
+                for i in candidates
+                if not conn.execute("SELECT 1 FROM paths WHERE image_id = ? LIMIT 1", [i]).fetchone()
+            ]
+        if orphans:
+            for chunk in chunks(orphans):
+                conn.execute(f"DELETE FROM hash_matches WHERE image_id IN ({marks(chunk)})", chunk)
+                conn.execute(f"DELETE FROM images WHERE id IN ({marks(chunk)})", chunk)
+            # derived indexes compare this epoch and rebuild: deletions are rare, rebuilding is always right
+            epoch = self.get_info("deletion_epoch", 0) + 1
+            conn.execute(
+                "INSERT OR REPLACE INTO store_info (key, value) VALUES ('deletion_epoch', ?)", [json.dumps(epoch)]
+            )
+        return len(orphans)
+
+    def prune(self, keep: set[str], under: Sequence[str] | None = None) -> tuple[int, int]:
+        """Drop paths not in `keep` below one of `under` (None: anywhere). Returns (paths, images) dropped."""
+        with self.transaction() as conn:
+            gone = [p for (p,) in conn.execute("SELECT path FROM paths") if p not in keep and _below(p, under)]
+            for chunk in chunks(gone):
+                conn.execute(f"DELETE FROM paths WHERE path IN ({marks(chunk)})", chunk)
+            stale = [p for (p,) in conn.execute("SELECT path FROM errors") if p not in keep and _below(p, under)]
+            for chunk in chunks(stale):
+                conn.execute(f"DELETE FROM errors WHERE path IN ({marks(chunk)})", chunk)
+            images = self._drop_orphans(conn)
+        return len(gone), images
+
+    def forget_all_paths(self) -> int:
+        """Drop every path, error and (so) image, in one transaction, before re-embedding everything (`--rebuild`).
+        Labels and hash lists stay: they are keyed by content. Returns the images dropped."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM paths")
+            conn.execute("DELETE FROM errors")
+            return self._drop_orphans(conn)
+
+    # -- paths --
+    def path_state(self, path: str) -> tuple[int, int, int] | None:
+        """(size, mtime_ns, image_id) recorded for a path, or None."""
+        row = self.db.execute("SELECT size, mtime_ns, image_id FROM paths WHERE path = ?", [path]).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def all_path_states(self) -> dict[str, tuple[int, int, int]]:
+        return {r[0]: (r[1], r[2], r[3]) for r in self.db.execute("SELECT path, size, mtime_ns, image_id FROM paths")}
+
+    def paths_of(self, ids: Sequence[int]) -> dict[int, list[str]]:
+        """Every given id -> its stored paths, sorted (possibly [])."""
+        out: dict[int, list[str]] = {int(i): [] for i in ids}
+        for chunk in chunks(list(out)):
+            for image_id, path in self.db.execute(
+                f"SELECT image_id, path FROM paths WHERE image_id IN ({marks(chunk)}) ORDER BY path", chunk
+            ):
+                out[image_id].append(path)
+        return out
+
+    # -- ids and rows --
+    def ids_by_sha(self, shas: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for chunk in chunks(list(shas)):
+            q = f"SELECT sha256, id FROM images WHERE sha256 IN ({marks(chunk)})"
+            out.update({r[0]: r[1] for r in self.db.execute(q, chunk)})
+        return out
+
+    def max_image_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0])
+
+    def count_images(self, max_id: int | None = None) -> int:
+        if max_id is None:
+            return int(self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM images WHERE id <= ?", [max_id]).fetchone()[0])
+
+    def images(self, ids: Sequence[int]) -> dict[int, ImageRow]:
+        """Rows (no embedding) by id, for answers; missing ids are left out."""
+        out: dict[int, ImageRow] = {}
+        for chunk in chunks([int(i) for i in ids]):
+            cur = self.db.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({marks(chunk)})", chunk)
+            cols = [d[0] for d in cur.description]
+            for row in cur:
+                out[row[0]] = image_row(dict(zip(cols, row, strict=True)))
+        return out
+
+    def image(self, image_id: int) -> ImageRow:
+        got = self.images([image_id])
+        if image_id not in got:
+            raise NotFound(f"no image with id {image_id} in the store at {self.root}")
+        return got[image_id]
+
+    def resolve_image(self, ref: str) -> int:
+        """An image id, a stored path (or a path that resolves to one) or a sha256 -> image id."""
+        ref = ref.strip()
+        if ref.isdigit():
+            row = self.db.execute("SELECT id FROM images WHERE id = ?", [int(ref)]).fetchone()
+            if row:
+                return int(row[0])
+        if len(ref) == 64 and all(c in "0123456789abcdefABCDEF" for c in ref):
+            row = self.db.execute("SELECT id FROM images WHERE sha256 = ?", [ref.lower()]).fetchone()
+            if row:
+                return int(row[0])
+        for candidate in dict.fromkeys([ref, str(Path(ref).expanduser().resolve())]):
+            row = self.db.execute("SELECT image_id FROM paths WHERE path = ?", [candidate]).fetchone()
+            if row:
+                return int(row[0])
+        raise NotFound(f"{ref!r} is not an image id, sha256 or indexed path of the store at {self.root}")
+
+    # -- vectors --
+    def iter_vectors(
+        self, after_id: int = 0, upto_id: int | None = None, chunk: int = 20000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64, vectors float32) in id order, in chunks."""
+        dim = self.embedding_dim()
+        last = after_id
+        while True:
+            q = "SELECT id, embedding FROM images WHERE id > ?" + (" AND id <= ?" if upto_id is not None else "")
+            args: list[Any] = [last] + ([upto_id] if upto_id is not None else [])
+            rows = self.db.execute(q + " ORDER BY id LIMIT ?", [*args, chunk]).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, vectors_from_blobs([r[1] for r in rows], dim)
+            last = int(ids[-1])
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The embeddings of `ids`, in that order (NotFound names the first missing id)."""
+        dim = self.embedding_dim()
+        found: dict[int, bytes] = {}
+        ids = [int(i) for i in ids]
+        for chunk in chunks(ids):
+            for r in self.db.execute(f"SELECT id, embedding FROM images WHERE id IN ({marks(chunk)})", chunk):
+                found[r[0]] = r[1]
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise NotFound(f"no image with id {missing[0]} in the store")
+        return vectors_from_blobs([found[i] for i in ids], dim)
+
+
+def _below(path: str, roots: Sequence[str] | None) -> bool:
+    """Is `path` one of `roots` or inside one (a directory, or a tar shard's members)? None covers everything."""
+    if roots is None:
+        return True
+    return any(path == r or path.startswith(r.rstrip("/") + "/") or path.startswith(r + "::") for r in roots)
