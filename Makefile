@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint audit bench clean-venv
+.PHONY: test demo lint audit bench stress clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q
+
+# the long runs (tests/stress/README.md): collected only with NSFW_INDEX_STRESS=1, never by `make test`
+STRESS_COUNTS ?= /tmp/nsfw-index-stress-counts.jsonl
+stress: $(STAMP)
+	rm -f $(STRESS_COUNTS)
+	NSFW_INDEX_STRESS=1 NSFW_INDEX_STRESS_COUNTS=$(STRESS_COUNTS) $(PY) -m pytest -q -p no:cacheprovider --timeout=1800 tests/stress
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check indexer search api tests benchmarks tools

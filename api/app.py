@@ -7,14 +7,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import KeyRing, parse_api_keys
 from api.errors import install_handlers
 from api.limits import BodySizeLimit
-from api.routers import include_routers
+from api.routers import ROUTERS, include_routers
 from api.state import Service
 from indexer.extractor import Extractor
 from search.errors import InvalidArgument
@@ -28,7 +32,56 @@ and clusters for an image corpus indexed with `nsfw-index index`.
 Writes need `Authorization: Bearer KEY` with the right named on the route (keys and rights: NSFW_INDEX_API_KEYS).
 Every error is JSON: `{"error": {"code": ..., "message": ...}}`. Stored file paths appear only for keys with the
 `read_paths` right; no route serves files.
+
+Limits: a body that stalls or takes too long gets 408; uploads past the pixel caps 413; a server busy decoding
+(pixel or body budget) or past its connection cap answers 503 with `Retry-After` at once.
 """
+
+#: The security requirement of a route anyone may call, a key optional (OpenAPI: the empty requirement is "none").
+OPTIONAL_BEARER: list[dict[str, list[str]]] = [{}, {"HTTPBearer": []}]
+
+
+def _rights(dependant: Dependant) -> set[str]:
+    """The `require_<right>` dependencies (api.auth.require) anywhere in a route's dependency tree."""
+    out: set[str] = set()
+    for d in dependant.dependencies:
+        name = getattr(d.call, "__name__", "")
+        if name.startswith("require_"):
+            out.add(name.removeprefix("require_"))
+        out |= _rights(d)
+    return out
+
+
+def _openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document as the server behaves: read routes take a key optionally (unless read_requires_key), and
+    every route with a body documents the 408 of a stalled body read."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for route in (r for router in ROUTERS for r in router.routes):  # included without a prefix
+                if not isinstance(route, APIRoute):
+                    continue
+                for method in route.methods or ():
+                    op = doc["paths"].get(route.path_format, {}).get(method.lower())
+                    if op is None:
+                        continue
+                    if _rights(route.dependant) == {"read"} and not settings.read_requires_key:
+                        op["security"] = OPTIONAL_BEARER
+                    if "requestBody" in op:
+                        op.setdefault("responses", {}).setdefault(
+                            "408",
+                            {
+                                "description": "The body stalled or took too long",
+                                "content": {
+                                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                                },
+                            },
+                        )
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return build
 
 
 async def _refresher(svc: Service, every: float) -> None:
@@ -90,5 +143,12 @@ def create_app(settings: Settings, *, extractor: Extractor | None = None) -> Fas
     app.state.service = None
     install_handlers(app, _redactor(Path(settings.store)))
     include_routers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        budget=settings.body_bytes_budget,
+        idle_seconds=settings.body_idle_seconds,
+        total_seconds=settings.body_total_seconds,
+    )
+    app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     return app

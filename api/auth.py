@@ -15,8 +15,8 @@ from api.errors import ApiError
 from search.errors import InvalidArgument
 
 #: Every right a key can hold: `read` (queries, images, clusters, stats), `write` (add images, import hash lists),
-#: `label` (label images), `read_paths` (see stored file paths).
-ALL_RIGHTS: tuple[str, ...] = ("read", "write", "label", "read_paths")
+#: `label` (label images), `read_paths` (see stored file paths), `view_images` (unblurred thumbnails: the pixels).
+ALL_RIGHTS: tuple[str, ...] = ("read", "write", "label", "read_paths", "view_images")
 #: What a caller without a key may do when reads are open.
 ANONYMOUS_RIGHTS: frozenset[str] = frozenset({"read"})
 

@@ -26,12 +26,16 @@ _IMAGE_KINDS: dict[str, tuple[int, str]] = {
     "unsupported_format": (415, "unsupported_format"),
 }
 
+#: FastAPI's detail when reading a JSON body fails other than by a JSON syntax error (it answers those 422 itself).
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 _STATUS_CODES: dict[int, str] = {
     400: "bad_request",
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
@@ -129,6 +133,10 @@ def install_handlers(app: FastAPI, redact: Callable[[str], str]) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
+        if status == 400 and exc.detail == _BODY_PARSE_ERROR:  # FastAPI's own, for a JSON body it cannot read
+            return error_response(
+                422, "invalid_request", "the body is not valid JSON text (UTF-8): send the documented JSON object"
+            )
         if status == 404 and exc.detail == HTTPStatus.NOT_FOUND.phrase:
             message = f"no route {request.method} {request.url.path}: the API is under /v1, see /openapi.json"
         elif status == 405:

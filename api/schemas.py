@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from search import answers
@@ -16,6 +16,7 @@ from search.answers import (
     ClusterMember,
     ClusterSummary,
     ExactDuplicates,
+    HashListOverride,
     LabelEvent,
     LabelName,
     Level,
@@ -40,6 +41,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "ExactDuplicates",
+    "HashListOverride",
     "HashListResponse",
     "HealthResponse",
     "ImageResponse",
@@ -112,6 +114,11 @@ class IndexInfo(Answer):
     known_unsafe: int
     generation: int | None
     loaded_at: float | None = None
+    problems: builtins.list[str] = Field(
+        default_factory=list,
+        description="Damage found in the FAISS files on disk (checksum mismatch, unreadable file): the server "
+        "serves an index rebuilt from SQLite instead, so it stays ready; the next writer rewrites the file.",
+    )
 
 
 # -- queries -----------------------------------------------------------------------------------------------------------
@@ -158,13 +165,29 @@ class ImageResponse(answers.ImageDetail):
 class LabelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label: LabelName = Field(description="`clear` withdraws the human label.")
-    reason: str | None = Field(None, max_length=1000)
+    label: LabelName = Field(
+        description="`safe` overrides the model's verdict only (a hash-list match still counts); `clear` withdraws "
+        "the human label."
+    )
+    reason: str | None = Field(None, max_length=1000, description="Why; required with `override_hash_lists`.")
     who: str | None = Field(
         None,
         max_length=100,
         description="Optional reviewer name; recorded after the API key's own identity, never instead of it.",
     )
+    override_hash_lists: StrictBool = Field(  # strict: 0/1 or "true" are refused (422), as the schema says
+        False,
+        description="With label `safe` and a `reason`: also override the image's hash-list matches (an explicit "
+        "event in the label log; the matches stay listed). 422 when the image matches no hash list.",
+    )
+
+    @model_validator(mode="after")
+    def _override_is_explicit(self) -> LabelRequest:
+        if self.override_hash_lists and self.label != "safe":
+            raise ValueError("override_hash_lists goes with label `safe` only")
+        if self.override_hash_lists and not (self.reason and self.reason.strip()):
+            raise ValueError("override_hash_lists needs a reason (kept in the label log)")
+        return self
 
 
 class LabelResponse(Answer):
@@ -175,6 +198,7 @@ class LabelResponse(Answer):
     event: int
     who: str = Field(description="What was recorded: `api-key:<first 6 hex of sha256(key)>[/who]`.")
     at: str
+    override_hash_lists: bool = Field(description="This event also overrides the image's hash-list matches.")
     known_unsafe_sources: list[Source] = Field(description="The image's known-unsafe sources after this label.")
 
     @classmethod

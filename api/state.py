@@ -37,7 +37,9 @@ class Service:
     old one keeps serving); smaller changes (labels, rows added since the snapshot) are caught up in place.
 
     Readiness (`not_ready`, `mismatch`, `index_info`) is computed on refresh and only read by /readyz, so that the
-    probe never waits on a lock that inference or search holds.
+    probe never waits on a lock that inference or search holds. A FAISS file that fails its checksum keeps the server
+    ready (200): the Searcher serves an index rebuilt from SQLite in memory, never the damaged file, and /readyz
+    lists the damage under `index.problems` (503 would take a replica that answers correctly out of rotation).
     """
 
     def __init__(self, settings: Settings, extractor: Extractor) -> None:
@@ -154,6 +156,7 @@ class Service:
             known_unsafe=int(info.get("known_unsafe", 0)),
             generation=info.get("generation"),
             loaded_at=info.get("loaded_at"),
+            problems=list(info.get("problems", [])),
         )
 
     def store_model_info(self) -> ModelInfo:

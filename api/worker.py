@@ -1,10 +1,13 @@
-"""The inference worker: one thread, a bounded queue, concurrent requests batched into one forward pass."""
+"""The inference worker: uploads prepared in a bounded thread pool under a pixel budget, then one inference thread
+with a bounded queue batching concurrent requests into one forward pass."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -13,14 +16,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.errors import RETRY_AFTER_BUSY, ApiError
-from indexer.analyze import Analysis, analyze
+from api.limits import PixelBudget
+from indexer.analyze import Analysis, analyze_prepared
+from indexer.decode import decode_cost
 from indexer.extractor import Extractor
+from indexer.prepare import Prepared, decode_side, prepare_or_error
 from search.errors import InvalidImage
 from search.settings import Settings
 
 log = logging.getLogger(__name__)
 
-AnalyzeFn = Callable[[Extractor, Sequence[tuple[str, bytes]], Settings], list[Analysis | InvalidImage]]
+#: One forward pass over prepared images (refusals pass through in place).
+AnalyzeFn = Callable[[Extractor, Sequence[Prepared | InvalidImage], Settings], list[Analysis | InvalidImage]]
+#: Prepares one upload (name, bytes): decode, hashes, transform.
+PrepareFn = Callable[[str, bytes], Prepared | InvalidImage]
+
+#: An upload whose decode holds at most this many pixels takes the small lane: it never waits behind large ones.
+SMALL_PIXELS = 4_000_000
+
+
+def _forward(ex: Extractor, prepared: Sequence[Prepared | InvalidImage], settings: Settings) -> list[Any]:
+    return analyze_prepared(ex, prepared)
 
 
 @dataclass
@@ -34,7 +50,7 @@ class BatchInfo:
 
 @dataclass
 class _Job:
-    items: list[tuple[str, bytes]]
+    items: list[Prepared | InvalidImage]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[tuple[list[Analysis | InvalidImage], BatchInfo]]
     submitted: float = field(default_factory=time.perf_counter)
@@ -48,17 +64,67 @@ class Overloaded(ApiError):
         super().__init__(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_BUSY)})
 
 
+#: niceness added to the threads that decode large uploads: on a machine with few cores the forward pass (and the
+#: small-upload lane) get the CPU first, so a small query is not slowed by a big decode beside it
+LARGE_DECODE_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority (Linux schedules threads as tasks: setpriority on the thread id)."""
+    with contextlib.suppress(AttributeError, OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LARGE_DECODE_NICENESS))
+
+
+class PreparePool:
+    """Prepares uploads in threads, off the event loop and off the inference thread: `threads` for large images and
+    one lane of their own for small ones (decode holding at most SMALL_PIXELS), so a small query never queues
+    behind a large decode. `completed` counts prepared images per lane (for tests and metrics)."""
+
+    def __init__(self, prepare_fn: PrepareFn, threads: int) -> None:
+        #: the function run per upload; tests may wrap it (e.g. to hold large images)
+        self.prepare_fn = prepare_fn
+        self._large = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="nsfw-index-prepare", initializer=_lower_priority
+        )
+        self._small = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nsfw-index-prepare-small")
+        self.completed = {"small": 0, "large": 0}
+        self._lock = threading.Lock()
+
+    def submit(self, name: str, data: bytes, cost: int) -> concurrent.futures.Future[Prepared | InvalidImage]:
+        lane = "small" if cost <= SMALL_PIXELS else "large"
+
+        def run() -> Prepared | InvalidImage:
+            try:
+                return self.prepare_fn(name, data)
+            finally:
+                with self._lock:
+                    self.completed[lane] += 1
+
+        return (self._small if lane == "small" else self._large).submit(run)
+
+    def shutdown(self) -> None:
+        for pool in (self._small, self._large):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 class InferenceWorker:
-    """Takes jobs (one request's images) from a bounded queue; gathers more while the batch has room and
-    `max_wait_ms` has not passed; runs `analyze` once over all their images; resolves each request's future on
-    its event loop. Submitting to a full queue fails at once (503), it never waits.
+    """Admits a request's uploads under the server's pixel budget (503 at once when they do not fit), prepares them
+    in the PreparePool, then queues them for the inference thread. That thread only runs forward passes: it takes
+    jobs (one request's prepared images) from a bounded queue, gathers more while the batch has room and
+    `max_wait_ms` has not passed, runs `analyze_fn` once over all their images and resolves each request's future
+    on its event loop. Submitting to a full queue fails at once (503), it never waits.
     """
 
-    def __init__(self, extractor: Extractor, settings: Settings, analyze_fn: AnalyzeFn = analyze) -> None:
+    def __init__(self, extractor: Extractor, settings: Settings, analyze_fn: AnalyzeFn = _forward) -> None:
         self.extractor = extractor
         self.settings = settings
         #: the function run per batch; tests may wrap it (e.g. to hold the worker busy)
         self.analyze_fn = analyze_fn
+        self.side = decode_side(extractor.transform)
+        self.max_pixels = min(settings.max_pixels, settings.http_max_pixels)
+        self.budget = PixelBudget(settings.decode_pixel_budget)
+        self.pool = PreparePool(self._prepare, settings.decode_threads)
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
         self.max_batch = settings.max_batch
         self.max_wait = settings.max_wait_ms / 1000.0
@@ -81,11 +147,42 @@ class InferenceWorker:
                 f"the inference queue is full ({self.settings.queue_size} requests waiting); retry shortly"
             )
 
+    def _prepare(self, name: str, data: bytes) -> Prepared | InvalidImage:
+        s = self.settings
+        return prepare_or_error(
+            name, data, transform=self.extractor.transform, max_bytes=s.max_file_bytes, max_pixels=self.max_pixels
+        )
+
+    def cost(self, data: bytes) -> int:
+        """Pixels one upload holds while it is decoded and waits for inference (its header read, nothing decoded)."""
+        return decode_cost(data, max_pixels=self.max_pixels, min_side=self.side) + self.side * self.side
+
     async def analyze(self, items: list[tuple[str, bytes]]) -> tuple[list[Analysis | InvalidImage], BatchInfo]:
-        """Queue one request's images and wait (without blocking the loop) for their analyses."""
+        """Prepare one request's images (pool, pixel budget), queue them, and wait (without blocking the loop) for
+        their analyses. 413 past max_images_per_request or the whole budget; 503 at once when the budget is taken."""
+        self.check_capacity()
+        limit = self.settings.max_images_per_request
+        if len(items) > limit:
+            raise ApiError(
+                413,
+                "too_large",
+                f"{len(items)} images in one request; at most {limit} (setting max_images_per_request)",
+            )
+        costs = [self.cost(data) for _, data in items]
+        release = self.budget.claim(sum(costs))  # ApiError 413/503 at once; nothing is decoded yet
+        futures = [self.pool.submit(name, data, c) for (name, data), c in zip(items, costs, strict=True)]
+        try:
+            prepared = list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+            return await self._infer(prepared)
+        finally:
+            for f in futures:
+                f.cancel()  # those not started yet (the client went away)
+            _when_all_done(futures, release)  # the pixels count until the last decode really stops
+
+    async def _infer(self, prepared: list[Prepared | InvalidImage]) -> tuple[list[Analysis | InvalidImage], BatchInfo]:
         self.check_capacity()
         loop = asyncio.get_running_loop()
-        job = _Job(items, loop, loop.create_future())
+        job = _Job(prepared, loop, loop.create_future())
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -96,6 +193,7 @@ class InferenceWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        self.pool.shutdown()
         deadline = time.monotonic() + timeout
         while self._thread.is_alive():
             try:
@@ -165,6 +263,26 @@ class InferenceWorker:
                 break
             if job is not _STOP:
                 _resolve(job, exc=Overloaded("the server is shutting down"))
+
+
+def _when_all_done(futures: list[concurrent.futures.Future[Any]], callback: Callable[[], None]) -> None:
+    """Call `callback` once every future is done (at once if they all are)."""
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        callback()
+        return
+    lock = threading.Lock()
+    left = [len(pending)]
+
+    def one_done(_: object) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            callback()
+
+    for f in pending:
+        f.add_done_callback(one_done)
 
 
 def _resolve(job: _Job, *, result: Any = None, exc: BaseException | None = None) -> None:

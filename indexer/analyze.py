@@ -9,7 +9,7 @@ from pathlib import Path
 from indexer.decode import read_file_bytes
 from indexer.extractor import Extractor, ImageResult
 from indexer.prepare import Prepared, prepare_or_error
-from search.answers import Pdq, QueryAnswer
+from search.answers import ExactDuplicates, Pdq, QueryAnswer
 from search.errors import InvalidImage
 from search.query import Searcher
 from search.settings import Settings
@@ -46,7 +46,7 @@ class Analysis:
     def record(self) -> ImageRecord:
         """The store row of this image."""
         p = self.prepared
-        return self.result.to_record(
+        record = self.result.to_record(
             sha256=p.sha256,
             size=p.size,
             width=p.width,
@@ -55,6 +55,8 @@ class Analysis:
             pdq=p.pdq,
             pdq_quality=p.pdq_quality,
         )
+        record.thumbnail = p.thumbnail  # made only when the store keeps thumbnails
+        return record
 
 
 def analyze_prepared(ex: Extractor, prepared: Sequence[Prepared | InvalidImage]) -> list[Analysis | InvalidImage]:
@@ -85,37 +87,39 @@ def read_or_error(path: Path, settings: Settings) -> bytes | InvalidImage:
         return e
 
 
+def analyze_items(
+    ex: Extractor, items: Iterable[tuple[str, bytes | InvalidImage]], settings: Settings
+) -> Iterator[tuple[str, Analysis | InvalidImage]]:
+    """(name, analysis) in input order for (name, bytes) items, `settings.batch_size` per forward pass; an item that
+    is already an InvalidImage (it could not be read) passes through."""
+    pending: list[tuple[str, Prepared | InvalidImage]] = []
+
+    def flush() -> Iterator[tuple[str, Analysis | InvalidImage]]:
+        done = analyze_prepared(ex, [p for _, p in pending])
+        yield from zip([name for name, _ in pending], done, strict=True)
+        pending.clear()
+
+    for name, data in items:
+        if isinstance(data, InvalidImage):
+            pending.append((name, data))
+        else:
+            prepared = prepare_or_error(
+                name, data, transform=ex.transform, max_bytes=settings.max_file_bytes, max_pixels=settings.max_pixels
+            )
+            pending.append((name, prepared))
+        if len(pending) >= settings.batch_size:
+            yield from flush()
+    yield from flush()
+
+
 def analyze_files(
     ex: Extractor, paths: Iterable[Path], settings: Settings
 ) -> Iterator[tuple[Path, Analysis | InvalidImage]]:
     """(path, analysis) in input order, `settings.batch_size` files per forward pass: read, prepare, run."""
-    pending: list[tuple[Path, Prepared | InvalidImage]] = []
-
-    def flush() -> Iterator[tuple[Path, Analysis | InvalidImage]]:
-        done = analyze_prepared(ex, [p for _, p in pending])
-        yield from zip([path for path, _ in pending], done, strict=True)
-        pending.clear()
-
-    for path in paths:
-        data = read_or_error(path, settings)
-        if isinstance(data, InvalidImage):
-            pending.append((path, data))
-        else:
-            pending.append(
-                (
-                    path,
-                    prepare_or_error(
-                        str(path),
-                        data,
-                        transform=ex.transform,
-                        max_bytes=settings.max_file_bytes,
-                        max_pixels=settings.max_pixels,
-                    ),
-                )
-            )
-        if len(pending) >= settings.batch_size:
-            yield from flush()
-    yield from flush()
+    paths = list(paths)
+    items = ((str(path), read_or_error(path, settings)) for path in paths)
+    for path, (_, a) in zip(paths, analyze_items(ex, items, settings), strict=True):
+        yield path, a
 
 
 def query_answer(
@@ -137,6 +141,8 @@ def query_answer(
             near_duplicates=[],
             pdq=Pdq(hash=a.pdq, quality=a.pdq_quality, matches=[]),
         )
+    indexed_id = searcher.indexed_id(a.sha256)
+    exclude = [] if indexed_id is None else [indexed_id]
     found = searcher.answer(
         a.result.embedding,
         pdq=a.pdq,
@@ -145,13 +151,21 @@ def query_answer(
         sources=sources,
         min_similarity=min_similarity,
         threshold=threshold,
+        exclude=exclude,
     )
-    # content already in the store is its own exact duplicate: say so instead of listing it as a near-duplicate
+    exact = None
+    if indexed_id is not None:
+        # content already in the store: it is not its own neighbour (as GET /v1/images/{id}/neighbours answers);
+        # its other copies are listed as exact duplicates
+        found.pdq.matches = [m for m in found.pdq.matches if m.id != indexed_id]
+        paths = searcher.paths_of(indexed_id)
+        exact = ExactDuplicates(count=max(0, len(paths) - 1), paths=paths)
     return QueryAnswer(
         nsfw=nsfw,
         sha256=a.sha256,
         nearest_unsafe=found.nearest_unsafe,
         near_duplicates=found.near_duplicates,
         pdq=found.pdq,
-        indexed_id=searcher.indexed_id(a.sha256),
+        indexed_id=indexed_id,
+        exact_duplicates=exact,
     )

@@ -65,15 +65,68 @@ _BOMB_PIXELS = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 class DecodedImage:
     """An accepted image, decoded: RGB, EXIF orientation applied, first frame only."""
 
-    image: Image.Image  # mode "RGB"
-    width: int  # of `image`, after the EXIF transpose
+    image: Image.Image  # mode "RGB"; downscaled when decode_image was given `min_side` (see `reduced`)
+    width: int  # of the full-size image, after the EXIF transpose
     height: int
     format: str  # Pillow's format name, e.g. "JPEG" ("MPO" for multi-picture JPEGs)
     size_bytes: int  # length of the encoded input
 
+    @property
+    def reduced(self) -> bool:
+        """Whether `image` is smaller than the full-size image (decoded at reduced size)."""
+        return self.image.size != (self.width, self.height)
 
-def decode_image(data: bytes, name: str, *, max_bytes: int, max_pixels: int) -> DecodedImage:
+
+#: Modes `Image.reduce` averages correctly as they are; others are converted (at full size) first.
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"})
+
+#: EXIF orientation -> the transpose that undoes it (as ImageOps.exif_transpose does).
+_ORIENTATION: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """The integer factor an image of `size` can be shrunk by while both sides stay at least `min_side` (>= 1)."""
+    if not min_side or min_side <= 0:
+        return 1
+    return max(1, min(size) // min_side)
+
+
+def decode_cost(data: bytes, *, max_pixels: int, min_side: int | None) -> int:
+    """The pixels decoding `data` will hold at once (its header read, nothing decoded): the full size, or the
+    JPEG draft size when the decoder can scale down while decoding. 0 for data that will be refused before any
+    pixel is decoded (unparseable header, over `max_pixels`): admission control charges it nothing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=_OPENERS) as img:
+                width, height = img.size
+                if width * height > max_pixels or width <= 0 or height <= 0:
+                    return 0
+                if img.format in ("JPEG", "MPO") and reduce_factor(img.size, min_side) >= 2:
+                    scale = min(8, 1 << (reduce_factor(img.size, min_side).bit_length() - 1))
+                    return -(-width // scale) * -(-height // scale)
+                return width * height
+    except _IDENTIFY_ERRORS:
+        return 0
+
+
+def decode_image(
+    data: bytes, name: str, *, max_bytes: int, max_pixels: int, min_side: int | None = None
+) -> DecodedImage:
     """Decode untrusted bytes, or raise `InvalidImage` (kind invalid, too_large or unsupported_format) naming `name`.
+
+    With `min_side`, an image at least twice that size on both sides is decoded smaller, by an integer factor that
+    keeps both sides >= `min_side`: a JPEG through libjpeg's DCT scaling (`draft`, 1/2 to 1/8, never holding the
+    full size), any other format with `Image.reduce` right after loading, the full-size pixels dropped before the
+    colour conversion. `width`/`height` still give the full size.
 
     The pixel cap is checked on the declared size right after the header is parsed, before any pixel is decoded, so it
     holds whatever Pillow's global `Image.MAX_IMAGE_PIXELS` is. Pillow's own bomb warning is made an error for the
@@ -102,19 +155,53 @@ def decode_image(data: bytes, name: str, *, max_bytes: int, max_pixels: int) -> 
                 _check_pixels(img.size, name, max_pixels)
                 img.seek(0)  # first frame of an animation / first page of a multi-page TIFF
                 _check_pixels(img.size, name, max_pixels)
+                full = img.size
+                factor = reduce_factor(full, min_side)
+                if factor >= 2 and fmt in ("JPEG", "MPO"):
+                    img.draft(None, (-(-full[0] // factor), -(-full[1] // factor)))  # DCT scaling while decoding
                 img.load()
                 _check_pixels(img.size, name, max_pixels)
-                ImageOps.exif_transpose(img, in_place=True)  # in place: keeps TIFF tags that `to_rgb` reads
-                rgb = to_rgb(img)
-                if rgb is img:  # detach from the file object that `with img` is about to close
-                    rgb = img.copy()
+                if factor >= 2:
+                    rgb, width, height = _reduced_rgb(img, full, factor)
+                else:
+                    ImageOps.exif_transpose(img, in_place=True)  # in place: keeps TIFF tags that `to_rgb` reads
+                    rgb = to_rgb(img)
+                    if rgb is img:  # detach from the file object that `with img` is about to close
+                        rgb = img.copy()
+                    width, height = rgb.width, rgb.height
     except InvalidImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(name, _bomb_reason(exc, max_pixels), kind="too_large") from exc
     except _DECODE_ERRORS as exc:
         raise InvalidImage(name, f"truncated or corrupt {fmt} data ({exc})") from exc
-    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt, size_bytes=size_bytes)
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt, size_bytes=size_bytes)
+
+
+def _reduced_rgb(img: Image.Image, full: tuple[int, int], factor: int) -> tuple[Image.Image, int, int]:
+    """`img` (loaded, maybe JPEG-drafted) shrunk by what is left of `factor`, then oriented and made RGB; with the
+    full size after the EXIF transpose. The full-size pixels are released as soon as the small copy exists."""
+    orientation = img.getexif().get(0x0112)
+    rest = max(1, min(img.size[0] * factor // full[0], img.size[1] * factor // full[1]))  # after a JPEG draft
+    if rest >= 2:
+        if img.mode in ("P", "PA"):
+            work = img.convert("RGBA" if img.has_transparency_data else "RGB")
+        elif img.mode == "1":
+            work = img.convert("L")
+        elif img.mode not in _REDUCIBLE or "transparency" in img.info:
+            work = to_rgb(img)  # wide samples, tRNS colours: converted at full size (their meaning needs every pixel)
+        else:
+            work = img
+        small = work.reduce(rest)
+        del work
+    else:
+        small = img.copy() if img.mode in _REDUCIBLE and "transparency" not in img.info else to_rgb(img)
+    img.close()  # the full-size (or drafted) pixels go now
+    rgb = to_rgb(small)
+    if orientation in _ORIENTATION:
+        rgb = rgb.transpose(_ORIENTATION[orientation])
+    width, height = (full[1], full[0]) if orientation in (5, 6, 7, 8) else full
+    return rgb, width, height
 
 
 def read_image_file(path: str | os.PathLike[str], *, max_bytes: int, max_pixels: int) -> tuple[bytes, DecodedImage]:

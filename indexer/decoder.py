@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -20,14 +27,44 @@ Outcome = Prepared | InvalidImage
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(data_config: dict[str, Any], max_bytes: int, max_pixels: int) -> None:
-    """Build the model's transform once per worker (from the data config: the model itself stays in the parent)."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WATCHDOG_SECONDS = 0.5
+
+
+def _die_with_parent(parent: int) -> None:
+    """Never outlive the indexing process, whatever kills it: the kernel sends SIGKILL when the parent dies
+    (Linux), and a watchdog thread exits once this process has been re-parented (everywhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still holds
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_SECONDS)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _init_worker(
+    data_config: dict[str, Any], max_bytes: int, max_pixels: int, thumbnails: bool = False, parent: int | None = None
+) -> None:
+    """Build the model's transform once per worker (from the data config: the model itself stays in the parent);
+    first make sure the worker dies with its parent."""
+    _die_with_parent(os.getppid() if parent is None else parent)
     from timm.data import create_transform
 
     torch.set_num_threads(1)  # workers are many; one thread each
     _WORKER["transform"] = create_transform(**data_config, is_training=False)
     _WORKER["max_bytes"] = max_bytes
     _WORKER["max_pixels"] = max_pixels
+    _WORKER["thumbnails"] = thumbnails
 
 
 def _prepare_in_worker(name: str, data: bytes, sha256: str) -> Outcome:
@@ -38,6 +75,7 @@ def _prepare_in_worker(name: str, data: bytes, sha256: str) -> Outcome:
         max_bytes=_WORKER["max_bytes"],
         max_pixels=_WORKER["max_pixels"],
         sha256=sha256,
+        thumbnail=_WORKER["thumbnails"],
     )
 
 
@@ -76,13 +114,21 @@ class DecoderPool:
     decode into that file's InvalidImage, replacing a broken pool and resubmitting the jobs still waiting."""
 
     def __init__(
-        self, *, workers: int, data_config: dict[str, Any], transform: Transform, max_bytes: int, max_pixels: int
+        self,
+        *,
+        workers: int,
+        data_config: dict[str, Any],
+        transform: Transform,
+        max_bytes: int,
+        max_pixels: int,
+        thumbnails: bool = False,
     ) -> None:
         self.workers = workers
         self.data_config = data_config
         self.transform = transform
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.thumbnails = thumbnails  # also make thumbnails (a store created with `index --thumbnails`)
         self.restarts = 0
         self._executor = self._start()
 
@@ -93,12 +139,18 @@ class DecoderPool:
             max_workers=self.workers,
             mp_context=mp.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.data_config, self.max_bytes, self.max_pixels),
+            initargs=(self.data_config, self.max_bytes, self.max_pixels, self.thumbnails, os.getpid()),
         )
 
     def _prepare_here(self, name: str, data: bytes, sha256: str) -> Outcome:
         return prepare_or_error(
-            name, data, transform=self.transform, max_bytes=self.max_bytes, max_pixels=self.max_pixels, sha256=sha256
+            name,
+            data,
+            transform=self.transform,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            sha256=sha256,
+            thumbnail=self.thumbnails,
         )
 
     def _submit(self, name: str, data: bytes, sha256: str) -> Future[Outcome]:

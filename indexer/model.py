@@ -7,16 +7,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import timm
-import torch
-from safetensors import safe_open
-from timm.data import create_transform, resolve_data_config
+from typing import TYPE_CHECKING, Any
 
 from search.errors import CheckpointMismatch, ModelNotFound
 from search.policy import ModelIdentity
 from search.settings import DEFAULT_ARCH, DEFAULT_MODEL, LEVELS
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, timm and safetensors are imported where they are used: finding the checkpoint (and failing with the download
+# hint when it is missing) needs none of them, so a missing model is reported before seconds of imports.
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -44,6 +45,8 @@ class LoadedModel:
     data_config: dict[str, Any]
 
     def transform(self) -> Any:
+        from timm.data import create_transform
+
         return create_transform(**self.data_config, is_training=False)
 
 
@@ -96,27 +99,46 @@ def resolve_checkpoint(model: str = DEFAULT_MODEL, arch: str | None = None) -> C
     return _from_hub(model, arch)
 
 
-def _from_hub(repo: str, arch: str | None) -> CheckpointFiles:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+#: Seconds the one reachability probe of the Hub may take before a missing model is reported (no retries).
+HUB_PROBE_TIMEOUT = 3.0
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    try:
-        try:  # the cache first: no network round trip when the files are there
-            cfg_path = hf_hub_download(repo, CONFIG_FILE, local_files_only=True)
-            w_path = hf_hub_download(repo, WEIGHTS_FILE, local_files_only=True)
-        except LocalEntryNotFoundError:
-            if offline:
-                raise
-            cfg_path = hf_hub_download(repo, CONFIG_FILE)
-            w_path = hf_hub_download(repo, WEIGHTS_FILE)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        why = "not in the local Hugging Face cache" + (
-            " and HF_HUB_OFFLINE is set" if offline else " and not downloadable"
-        )
-        raise ModelNotFound(
-            f"the weights of {repo} are {why} ({type(e).__name__}). " + _HOW_TO_GET.format(repo=repo)
-        ) from None
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _from_hub(repo: str, arch: str | None) -> CheckpointFiles:
+    """The local Hugging Face cache first (no network at all); then, unless offline, one short probe of the Hub (no
+    retry loop: an unreachable Hub fails in seconds with the download hint) before downloading."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+
+    cached = [try_to_load_from_cache(repo, name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    if all(isinstance(c, str) for c in cached):
+        cfg_path, w_path = str(cached[0]), str(cached[1])
+    else:
+        if _offline():
+            raise ModelNotFound(
+                f"the weights of {repo} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+                + _HOW_TO_GET.format(repo=repo)
+            )
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, CONFIG_FILE), timeout=HUB_PROBE_TIMEOUT, retry_on_errors=False)
+        except Exception as e:  # unreachable, refused, DNS, 401/404: all mean "not downloadable from here, now"
+            raise ModelNotFound(
+                f"the weights of {repo} are not in the local Hugging Face cache and the Hub cannot be reached "
+                f"({type(e).__name__}: {str(e)[:160]}). " + _HOW_TO_GET.format(repo=repo)
+            ) from None
+        try:
+            cfg_path = hf_hub_download(repo, CONFIG_FILE, etag_timeout=HUB_PROBE_TIMEOUT)
+            w_path = hf_hub_download(repo, WEIGHTS_FILE, etag_timeout=HUB_PROBE_TIMEOUT)
+        except Exception as e:  # network errors, HTTP errors, a full disk
+            raise ModelNotFound(
+                f"the weights of {repo} are not in the local Hugging Face cache and the download failed "
+                f"({type(e).__name__}: {str(e)[:160]}). " + _HOW_TO_GET.format(repo=repo)
+            ) from None
     cfg = _read_config(Path(cfg_path))
     if arch:
         cfg["architecture"] = arch
@@ -125,6 +147,8 @@ def _from_hub(repo: str, arch: str | None) -> CheckpointFiles:
 
 def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file with the TimmWrapper `timm_model.` prefix removed (both layouts accepted)."""
+    from safetensors import safe_open
+
     try:
         with safe_open(str(weights), framework="pt") as f:
             keys = list(f.keys())
@@ -151,6 +175,9 @@ def _label_names(cfg: dict[str, Any], num_classes: int) -> tuple[str, ...]:
 
 def load_model(model: str = DEFAULT_MODEL, arch: str | None = None) -> LoadedModel:
     """Build the timm model named by the checkpoint and load its weights strictly. Eval mode, fp32, on the CPU."""
+    import timm
+    from timm.data import resolve_data_config
+
     files = resolve_checkpoint(model, arch)
     cfg = files.config
     architecture = str(cfg["architecture"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -17,18 +16,22 @@ from indexer.corpus import roots as corpus_roots
 from indexer.decoder import DecodeJob, DecoderPool
 from indexer.extractor import Extractor
 from indexer.prepare import Prepared
-from indexer.summary import RunSummary, Timer
+from indexer.summary import Progress, RunSummary, Timer
 from indexer.writer import PathRow, RunWriter
+from search.errors import IndexWriteFailed
 from search.labels import stored_match_distance
 from search.settings import Settings
 from search.store import ImageRecord, Store
 from search.vectors import IndexFiles
 
-__all__ = ["Indexer", "RunSummary", "Timer"]
+__all__ = ["Indexer", "Progress", "RunSummary", "Timer"]
 
 log = logging.getLogger(__name__)
 
 FAISS_CHECKPOINT_SECONDS = 60.0  # write the FAISS snapshot at least this often during a long run
+
+#: Error kinds tried again even when the file is unchanged: they depend on limits a re-run may have raised.
+RETRIED_KINDS = frozenset({"too_large"})
 
 
 @dataclass
@@ -43,13 +46,21 @@ class Indexer:
     """Index inputs into a store. The caller holds the store's writer lock (`Store.writing`)."""
 
     def __init__(
-        self, store: Store, extractor: Extractor, settings: Settings, *, progress: bool = False, all_files: bool = False
+        self,
+        store: Store,
+        extractor: Extractor,
+        settings: Settings,
+        *,
+        progress: bool | Progress = False,
+        all_files: bool = False,
+        retry_errors: bool = False,
     ) -> None:
         self.store = store
         self.ex = extractor
         self.settings = settings
-        self.progress = progress
+        self.bar = progress if isinstance(progress, Progress) else Progress(progress)
         self.all_files = all_files
+        self.retry_errors = retry_errors  # try files that failed before even when unchanged
         self.timer = Timer()
         self.summary = RunSummary()
         self._in_flight: dict[str, _Pending] = {}
@@ -80,11 +91,15 @@ class Indexer:
             status = "interrupted"
             raise
         finally:
+            write_error: IndexWriteFailed | None = None
             with self.timer.stage("faiss"):
                 if status == "done" or self.store.count_images():
                     files = IndexFiles(self.store, self.settings)
-                    files.open_all(persist=True)
-                    files.open_unsafe(persist=True)
+                    try:
+                        files.open_all(persist=True)
+                        files.open_unsafe(persist=True)
+                    except IndexWriteFailed as e:  # e.g. no space left: the run is recorded as failed, then says so
+                        status, write_error = "failed", e
             self.summary.timings = {k: round(v, 4) for k, v in self.timer.totals.items()}
             self.summary.timings["total"] = round(time.perf_counter() - t_start, 4)
             self.store.finish_run(self.summary.run_id, status, self.summary.counts(), self.summary.timings)
@@ -95,6 +110,8 @@ class Indexer:
                 self.summary.counts(),
                 self.summary.timings,
             )
+            if write_error is not None:
+                raise write_error
         return self.summary
 
     # internals --
@@ -105,20 +122,26 @@ class Indexer:
             transform=self.ex.transform,
             max_bytes=self.settings.max_file_bytes,
             max_pixels=self.settings.max_pixels,
+            thumbnails=self.store.thumbnails_enabled(),
         )
 
     def _index(self, inputs: Sequence[str], writer: RunWriter, *, prune: bool) -> None:
         known = self.store.all_path_states()
+        failed = {} if self.retry_errors else self.store.all_error_states()
         seen_keys: set[str] = set()
         bs = self.settings.batch_size
         window = bs * 3  # decodes in flight: the next batches decode while the model runs on this one
         tars = TarReader()
+        bar = self.bar
+        bar.stage("listing inputs ...")
         entries = self._list_inputs(inputs)
-        bar = self._bar(len(entries))
+        workers = self.settings.resolved_workers()
+        bar.stage(f"starting decoders ({workers} process{'es' if workers != 1 else ''}) ..." if workers else "...")
         pool = self._decoders()
+        bar.start(len(entries))
         try:
             for entry in entries:
-                bar.set_postfix(errors=self.summary.errors, refresh=False)
+                bar.errors(self.summary.failed)
                 seen_keys.add(entry.key)
                 if isinstance(entry, WalkError):
                     writer.error(entry.key, entry.reason, entry.kind)
@@ -128,6 +151,11 @@ class Indexer:
                 state = known.get(entry.key)
                 if state is not None and state[0] == entry.size and state[1] == entry.mtime_ns:
                     self.summary.unchanged += 1
+                    bar.update(1)
+                    continue
+                bad = failed.get(entry.key)
+                if bad is not None and bad[:2] == (entry.size, entry.mtime_ns) and bad[2] not in RETRIED_KINDS:
+                    self.summary.unchanged_errors += 1  # failed before and unchanged: not decoded (nor warned) again
                     bar.update(1)
                     continue
                 data = self._read(entry, tars, writer)
@@ -150,7 +178,7 @@ class Indexer:
                     p, im = self.store.prune(seen_keys, corpus_roots(inputs))
                 self.summary.pruned_paths, self.summary.pruned_images = p, im
         finally:
-            bar.set_postfix(errors=self.summary.errors)
+            bar.errors(self.summary.failed, refresh=True)
             bar.close()
             tars.close()
             pool.close()
@@ -167,9 +195,10 @@ class Indexer:
                 return read_item(item, self.settings.max_file_bytes, tars)
             except (OSError, ValueError, EOFError) as e:
                 reason = f"cannot read: {getattr(e, 'strerror', None) or e}"
-                writer.error(item.key, reason, "too_large" if "exceeds" in str(e) else "unreadable")
+                kind = "too_large" if "exceeds" in str(e) else "unreadable"
+                writer.error(item.key, reason, kind, size=item.size, mtime_ns=item.mtime_ns)
             except Exception as e:  # tarfile errors and the like
-                writer.error(item.key, f"cannot read: {e}", "unreadable")
+                writer.error(item.key, f"cannot read: {e}", "unreadable", size=item.size, mtime_ns=item.mtime_ns)
         return None
 
     def _route(self, item: Item, data: bytes, pool: DecoderPool, writer: RunWriter) -> None:
@@ -199,7 +228,7 @@ class Indexer:
                     self.timer.add("decode(worker)", out.seconds)
                 else:
                     for it in p.paths:
-                        writer.error(it.key, out.reason, out.kind)
+                        writer.error(it.key, out.reason, out.kind, size=it.size, mtime_ns=it.mtime_ns)
         records: list[ImageRecord] = []
         paths: list[PathRow] = []
         if good:
@@ -219,15 +248,3 @@ class Indexer:
         with self.timer.stage("faiss"):
             IndexFiles(self.store, self.settings).open_all(persist=True)
         self._last_faiss = time.monotonic()
-
-    def _bar(self, total: int) -> Any:
-        """images/s, ETA and the error count on a terminal; nothing with --quiet or when stdout is not a TTY."""
-        from tqdm import tqdm
-
-        return tqdm(
-            total=total,
-            desc="indexing",
-            unit="img",
-            dynamic_ncols=True,
-            disable=not (self.progress and sys.stdout.isatty()),
-        )

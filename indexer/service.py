@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from indexer.analyze import Analysis
 from indexer.extractor import Extractor
-from indexer.pipeline import Indexer, RunSummary
+from indexer.pipeline import Indexer, Progress, RunSummary
+from indexer.thumbnails import choose_thumbnails, thumbnail_of_bytes
 from search.errors import InvalidArgument
 from search.labels import stored_match_distance
 from search.service import set_index_factory
@@ -31,16 +32,26 @@ def index_inputs(
     rebuild: bool = False,
     all_files: bool = False,
     index_factory: str | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     extractor: Extractor | None = None,
+    thumbnails: bool = False,
+    retry_errors: bool = False,
 ) -> RunSummary:
-    """Load the model (unless given), refuse a store of another model before any work, index, update the FAISS files."""
+    """Load the model (unless given), refuse a store of another model before any work, index, update the FAISS files.
+
+    `thumbnails` makes a new store keep thumbnails (`indexer.thumbnails.choose_thumbnails`); later runs follow it.
+    `progress`: a terminal progress bar (True, or a `Progress` writing elsewhere); `retry_errors`: try files that
+    failed before even when unchanged (by default they are skipped and counted as `unchanged_errors`)."""
     _require_writer(store, "indexing")
+    bar = progress if isinstance(progress, Progress) else Progress(progress)
+    if extractor is None:
+        bar.stage(f"loading model {settings.model} ...")
     ex = extractor or Extractor.from_settings(settings)
     if not rebuild:
         store.check_model(ex.identity)  # refuse before any work
+    choose_thumbnails(store, thumbnails, rebuild=rebuild)
     set_index_factory(store, index_factory, ex.identity.embedding_dim)
-    return Indexer(store, ex, settings, progress=progress, all_files=all_files).run(
+    return Indexer(store, ex, settings, progress=bar, all_files=all_files, retry_errors=retry_errors).run(
         list(inputs),
         prune=prune,
         rebuild=rebuild,
@@ -49,9 +60,17 @@ def index_inputs(
 
 
 def add_image(
-    store: Store, ex: Extractor, settings: Settings, analysis: Analysis, *, run_kind: str = "http-add"
+    store: Store,
+    ex: Extractor,
+    settings: Settings,
+    analysis: Analysis,
+    *,
+    run_kind: str = "http-add",
+    data: bytes | None = None,
 ) -> tuple[int, bool]:
     """Add one analysed image (an upload) to the store. Returns (id, created).
+
+    In a store that keeps thumbnails, the upload's `data` gives its thumbnails (written with the image).
 
     The upload's path is recorded as `upload://SHA256` (no client path is stored or shown). Committed to SQLite
     before returning, so an acknowledged add survives a crash; the FAISS files catch up on the next open.
@@ -61,10 +80,13 @@ def add_image(
     existing = store.ids_by_sha([analysis.sha256])
     if existing:
         return existing[analysis.sha256], False
+    record = analysis.record()
+    if record.thumbnail is None and data is not None and store.thumbnails_enabled():
+        record.thumbnail = thumbnail_of_bytes(analysis.name, data, settings)
     run_id = store.begin_run(run_kind, {"sha256": analysis.sha256})
     ids = store.write_batch(
         run_id,
-        [analysis.record()],
+        [record],
         [(f"upload://{analysis.sha256}", analysis.sha256, analysis.size, None)],
         match_distance=stored_match_distance(settings),
     )

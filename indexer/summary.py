@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 #: The counters a run records in the store and `index --json` prints, in that order.
 COUNTS: tuple[str, ...] = (
@@ -13,6 +15,7 @@ COUNTS: tuple[str, ...] = (
     "duplicate_paths",
     "repointed",
     "errors",
+    "unchanged_errors",
     "pruned_paths",
     "pruned_images",
 )
@@ -30,14 +33,21 @@ class RunSummary:
     duplicate_paths: int = 0
     repointed: int = 0
     errors: int = 0
+    unchanged_errors: int = 0  # failed before, same size and mtime: not tried again (`nsfw-index errors` lists them)
     pruned_paths: int = 0
     pruned_images: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     error_samples: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # library warnings captured during the run (`-v` shows them)
 
     @property
     def indexed_paths(self) -> int:
         return self.new_images + self.duplicate_paths
+
+    @property
+    def failed(self) -> int:
+        """Inputs in error after this run: new failures and unchanged files that failed before."""
+        return self.errors + self.unchanged_errors
 
     def counts(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in COUNTS}
@@ -70,3 +80,56 @@ class _Stage:
 
     def __exit__(self, *exc: object) -> None:
         self.timer.add(self.name, time.perf_counter() - self.t0)
+
+
+#: What the bar shows before there is anything to count: what it is doing, and for how long.
+STAGE_FORMAT = "{desc} {elapsed}"
+
+
+class Progress:
+    """The progress bar of a run (tqdm, on a terminal only): it says what it is doing before the first image
+    ("loading model ...", "starting decoders ..."), then counts images with a rate, an ETA and the error count."""
+
+    def __init__(self, enabled: bool = False, file: IO[str] | None = None) -> None:
+        self.file = file if file is not None else sys.stderr
+        isatty = getattr(self.file, "isatty", None)
+        self.enabled = bool(enabled and isatty is not None and isatty())
+        self._bar: Any = None
+
+    def _make(self) -> Any:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=None,
+                unit="img",
+                dynamic_ncols=True,
+                file=self.file,
+                disable=not self.enabled,
+                leave=True,
+                bar_format=STAGE_FORMAT,
+            )
+        return self._bar
+
+    def stage(self, what: str) -> None:
+        """Say what the run is doing now (before there is anything to count)."""
+        bar = self._make()
+        bar.set_description_str(what, refresh=True)
+
+    def start(self, total: int, what: str = "indexing") -> None:
+        """Start counting `total` items."""
+        bar = self._make()
+        bar.bar_format = None  # tqdm's bar with the rate and the ETA
+        bar.reset(total=total)
+        bar.set_description_str(what, refresh=True)
+
+    def update(self, n: int = 1) -> None:
+        self._make().update(n)
+
+    def errors(self, n: int, *, refresh: bool = False) -> None:
+        self._make().set_postfix(errors=n, refresh=refresh)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

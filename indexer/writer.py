@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from indexer.corpus import Item
 from indexer.summary import RunSummary, Timer
 from search.store import ImageRecord, Store
+from search.store.images import ErrorRow
 
 #: Buffered duplicate paths or errors are written once this many wait (or with the next batch of images).
 FLUSH_AT = 256
@@ -25,7 +26,7 @@ class RunWriter:
         self.timer = timer
         self.match_distance = match_distance
         self._dup_paths: list[PathRow] = []
-        self._errors: list[tuple[str, str, str]] = []
+        self._errors: list[ErrorRow] = []
 
     def images(self, records: Sequence[ImageRecord], paths: Sequence[PathRow]) -> None:
         """New images and every path that holds them, with the duplicate paths and errors waiting, in one batch."""
@@ -43,10 +44,11 @@ class RunWriter:
         self._dup_paths.append((item.key, sha256, item.size, item.mtime_ns))
         self.summary.duplicate_paths += 1
 
-    def error(self, key: str, reason: str, kind: str) -> None:
-        """A file that failed (it is recorded with the reason; the run goes on)."""
+    def error(self, key: str, reason: str, kind: str, *, size: int | None = None, mtime_ns: int | None = None) -> None:
+        """A file that failed (it is recorded with the reason; the run goes on). With its size and mtime it is
+        remembered like a success: the next run skips it while both are unchanged."""
         self.summary.add_error(key, reason)
-        self._errors.append((key, reason, kind))
+        self._errors.append((key, reason, kind, size, mtime_ns))
         if len(self._errors) >= FLUSH_AT:
             self.flush_errors()
 
@@ -69,6 +71,6 @@ class RunWriter:
         out, self._dup_paths = self._dup_paths, []
         return out
 
-    def _take_errors(self) -> list[tuple[str, str, str]]:
+    def _take_errors(self) -> list[ErrorRow]:
         out, self._errors = self._errors, []
         return out

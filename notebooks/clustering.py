@@ -23,17 +23,19 @@
 # 2. the NSFW score distribution inside the biggest clusters,
 # 3. a 2-D projection of the embeddings (PCA; UMAP when `umap-learn` is installed) coloured by level and by
 #    known-unsafe,
-# 4. thumbnails of the largest near-duplicate groups and of the clusters around known-unsafe images (blurred when the
-#    image's score reaches `BLUR_ABOVE`),
+# 4. thumbnails of the largest near-duplicate groups and of the clusters around known-unsafe images (every
+#    known-unsafe image is blurred, whatever its source: human, hash list or model; so is every image whose score
+#    reaches `BLUR_ABOVE`),
 # 5. a threshold sweep (number and sizes of groups against the cosine threshold T) to help pick T.
 #
 # Run `nsfw-index cluster --store STORE` first, or leave `RUN_CLUSTERING = True` to compute clusters here when the
-# store has none or they are stale. Thumbnails are read from the paths stored in the index: this notebook is for
-# reviewers who may see the corpus.
+# store has none or they are stale. In a store created with `nsfw-index index --thumbnails` the thumbnails come from
+# the store (its server-side blurred variant for the blurred ones) and no file is read; otherwise they are read from
+# the paths stored in the index: this notebook is for reviewers who may see the corpus.
 
 # %% tags=["parameters"]
 STORE = "demo-store"  # the store directory
-BLUR_ABOVE = 0.5  # blur thumbnails whose score (at the configured level) reaches this
+BLUR_ABOVE = 0.5  # blur thumbnails whose score (at the configured level) reaches this; known-unsafe always blur
 THRESHOLD = None  # near-duplicate cosine threshold; None: the settings default (0.90)
 N_CLUSTERS = None  # k-means K; None: the default from N
 RUN_CLUSTERING = True  # compute (or refresh) the clustering when missing or stale; needs the writer lock
@@ -202,15 +204,32 @@ show(fig)
 
 # %% [markdown]
 # ## Thumbnails
-# Loaded from the stored paths (files, or `shard.tar::member`), blurred when the score reaches `BLUR_ABOVE`.
-# A red title marks a known-unsafe image.
+# Blurred for every known-unsafe image (any source) and whenever the score reaches `BLUR_ABOVE`. From the store's own
+# thumbnails when it keeps them (the blurred ones are its server-side blurred variant), else loaded from the stored
+# paths (files, or `shard.tar::member`). A red title marks a known-unsafe image.
 
 # %%
 paths = store.paths_of(images.index.tolist())
+stored_thumbnails = store.thumbnails_enabled()
+shown_blurred, shown_clear = set(), set()
+
+
+def must_blur(image_id):
+    """Every known-unsafe image (human, hash_list or model) and everything scoring at least BLUR_ABOVE."""
+    return bool(images.at[image_id, "known_unsafe"]) or images.at[image_id, "score"] >= BLUR_ABOVE
 
 
 def thumbnail(image_id, size=128):
-    """The image at its first readable stored path, as a small RGB thumbnail, blurred above BLUR_ABOVE."""
+    """A small RGB thumbnail of the image, blurred when `must_blur`: the store's own, else from its stored paths."""
+    blurred = must_blur(image_id)
+    (shown_blurred if blurred else shown_clear).add(image_id)
+    if stored_thumbnails:  # kept in the store: no file is read, and a blurred one never had its pixels here
+        data = store.thumbnail(image_id, blurred=blurred)
+        if data is None:
+            return Image.new("RGB", (size, size), (200, 200, 200)), blurred
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img.thumbnail((size, size))
+        return img, blurred
     img = None
     for p in paths.get(image_id, []):
         try:
@@ -230,8 +249,7 @@ def thumbnail(image_id, size=128):
         except Exception:  # a moved or unreadable file: try the next path, else a grey tile
             img = None
     if img is None:
-        return Image.new("RGB", (size, size), (200, 200, 200)), False
-    blurred = images.at[image_id, "score"] >= BLUR_ABOVE
+        return Image.new("RGB", (size, size), (200, 200, 200)), blurred
     if blurred:
         img = img.filter(ImageFilter.GaussianBlur(radius=max(4, size // 12)))
     return img, blurred
@@ -299,6 +317,12 @@ for c in flagged:
     ordered = [m.id for m in members if m.sources] + [m.id for m in members if not m.sources]
     grid_rows.append((f"cluster {c.id}\n{c.unsafe_count}/{c.size}\nunsafe", ordered))
 grid(grid_rows, "clusters holding known-unsafe images")
+
+# %%
+unsafe_shown = sorted(i for i in shown_blurred | shown_clear if images.at[i, "known_unsafe"])
+assert set(unsafe_shown) <= shown_blurred, "a known-unsafe image was shown unblurred"
+print(f"thumbnails: {len(shown_blurred)} blurred {sorted(shown_blurred)}, {len(shown_clear)} not blurred")
+print(f"known-unsafe shown (all blurred): {unsafe_shown}")
 
 # %% [markdown]
 # ## Picking the threshold

@@ -99,14 +99,17 @@ print(counts["images"], "images;", counts["known_unsafe"])
 # ## 4. Query with an image
 # `analyze` decodes, hashes and runs the model once; `query_answer` adds the nearest known-unsafe images (with the
 # reasons they are known-unsafe), the near-duplicates in the whole corpus and the PDQ matches. Its `to_json()` is what
-# `nsfw-index query --json` prints and `POST /v1/query` returns.
+# `nsfw-index query --json` prints and `POST /v1/query` returns. The image queried here is already indexed: the
+# answer gives its `indexed_id`, leaves the image itself out of its neighbours and lists its `exact_duplicates`.
 
 # %%
 searcher = Searcher.open(STORE, settings)
 query = files[min(1, len(files) - 1)]
 (analysis,) = analyze(extractor, [(query.name, query.read_bytes())], settings)
 answer = query_answer(analysis, searcher, k=3).to_json()
-print(json.dumps({k: answer[k] for k in ("nsfw", "nearest_unsafe", "near_duplicates", "pdq")}, indent=1)[:3000])
+shown = ("nsfw", "indexed_id", "exact_duplicates", "nearest_unsafe", "near_duplicates", "pdq")
+print(json.dumps({k: answer.get(k) for k in shown}, indent=1)[:3000])
+assert answer["indexed_id"] not in [n["id"] for n in answer["near_duplicates"]]  # not its own near-duplicate
 
 # %% [markdown]
 # An indexed image can be queried by id without running the model again:

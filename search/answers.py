@@ -105,6 +105,11 @@ class SearchAnswer(Answer):
     pdq: Pdq
 
 
+class ExactDuplicates(Answer):
+    count: int = Field(description="Other paths holding the same content.")
+    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+
+
 class QueryAnswer(Answer):
     """One image's answer: `nsfw-index query --json` prints it with `path`; `POST /v1/query` with `filename`."""
 
@@ -114,11 +119,37 @@ class QueryAnswer(Answer):
     near_duplicates: list[NearDuplicate]
     pdq: Pdq
     indexed_id: int | None = Field(None, description="The id of this exact content in the store, if it is indexed.")
+    exact_duplicates: ExactDuplicates | None = Field(
+        None,
+        exclude_if=_absent,
+        description="Only when this content is indexed (the answer then leaves the image itself out): the stored "
+        "paths of this content, as GET /v1/images/{id}/neighbours lists them.",
+    )
 
 
-class ExactDuplicates(Answer):
-    count: int = Field(description="Other paths holding the same content.")
-    paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+class LabelEvent(Answer):
+    event: int
+    label: LabelName
+    who: str
+    at: str
+    reason: str | None
+    override_hash_lists: bool = Field(
+        False, description="A `safe` event that also overrides the image's hash-list matches (explicit, with a reason)."
+    )
+
+
+class HashListOverride(Answer):
+    """The human override of an image's hash-list matches: the current label event, a `safe` recorded with
+    `override_hash_lists`. The matches themselves stay listed (`pdq.matches`); a later event ends the override."""
+
+    event: int
+    who: str
+    at: str
+    reason: str | None
+    in_force: bool = Field(
+        description="False once a hash list matching the image was imported (or imported again) after the override: "
+        "the match counts again until it is overridden anew."
+    )
 
 
 class NeighboursAnswer(Answer):
@@ -131,14 +162,9 @@ class NeighboursAnswer(Answer):
     nearest_unsafe: list[UnsafeNeighbour]
     near_duplicates: list[NearDuplicate]
     pdq: Pdq
-
-
-class LabelEvent(Answer):
-    event: int
-    label: LabelName
-    who: str
-    at: str
-    reason: str | None
+    hash_list_override: HashListOverride | None = Field(
+        None, description="The human override of this image's hash-list matches, if its current label is one."
+    )
 
 
 class ImageRow(Answer):
@@ -165,6 +191,9 @@ class ImageDetail(ImageRow):
     known_unsafe_sources: list[Source]
     label: Literal["unsafe", "safe"] | None = Field(description="The current human label (the latest event wins).")
     labels: list[LabelEvent] = Field(description="The label event log of this content, oldest first.")
+    hash_list_override: HashListOverride | None = Field(
+        None, description="The human override of this image's hash-list matches, if its current label is one."
+    )
     path_count: int
     paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
 
@@ -178,6 +207,7 @@ class LabelResult(Answer):
     event: int
     who: str
     at: str
+    override_hash_lists: bool = False
 
 
 class BadLine(Answer):
@@ -284,3 +314,31 @@ class Stats(Answer):
     runs: builtins.list[dict[str, Any]]
     known_unsafe_rule: dict[str, Any]
     clusters: ClusteringSummary | None
+
+
+class VerifyCheck(Answer):
+    """One check of `nsfw-index verify`."""
+
+    name: str
+    ok: bool
+    problems: builtins.list[str] = Field(default_factory=list, description="What is wrong, one line each.")
+    notes: builtins.list[str] = Field(default_factory=list, description="What is fine but worth knowing.")
+
+
+class VerifyReport(Answer):
+    """`nsfw-index verify --json`: SQLite integrity, the label chain, the FAISS files and their ids."""
+
+    ok: bool
+    checks: builtins.list[VerifyCheck]
+
+
+class FileError(Answer):
+    """One file that failed to index (`nsfw-index errors --json`): it is tried again once its size or mtime change."""
+
+    path: str
+    reason: str
+    kind: str = Field(description="invalid, too_large, unsupported_format, unreadable, missing, symlink_loop, ...")
+    run_id: int | None
+    at: str
+    size: int | None = Field(None, description="The size it had when it failed (None: not known).")
+    mtime_ns: int | None = Field(None, description="Its mtime (ns) when it failed (None: not known).")

@@ -79,3 +79,9 @@ class InvalidArgument(NsfwIndexError):
     """A setting or argument out of range."""
 
     code = "invalid_argument"
+
+
+class IndexWriteFailed(NsfwIndexError):
+    """A FAISS index file could not be written (e.g. no space left): the previous one stays in place."""
+
+    code = "index_write_failed"

@@ -22,6 +22,7 @@ def image_detail(store: Store, image_id: int, settings: Settings) -> ImageDetail
         known_unsafe_sources=store.known_unsafe(settings, [image_id])[image_id],
         label=current if current != "clear" else None,
         labels=history,
+        hash_list_override=store.hash_list_overrides(settings, [image_id]).get(image_id),
         path_count=len(paths),
         paths=paths,
     )

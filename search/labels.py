@@ -76,9 +76,13 @@ def label_images(
     who: str | None = None,
     reason: str | None = None,
     from_file: str | os.PathLike[str] | None = None,
+    override_hash_lists: bool = False,
 ) -> list[LabelResult]:
     """Append label events for images named by id, path or sha256 (`store` open writable). All refs are resolved
-    before anything is written, so one unknown ref changes nothing."""
+    and checked before anything is written, so one bad ref changes nothing.
+
+    A `safe` overrides the model only. `override_hash_lists` makes each event a `safe` that also overrides the
+    image's hash-list matches: every item must be `safe`, have a reason, and match a hash list now."""
     items: list[tuple[str, str | None, str | None]] = [(r, label, reason) for r in refs]
     if from_file:
         items += [(r, lab or label, why or reason) for r, lab, why in read_label_csv(from_file)]
@@ -89,14 +93,41 @@ def label_images(
     for ref, lab, why in items:
         if lab not in LABELS:
             raise InvalidArgument(f"{ref}: label must be unsafe, safe or clear, not {lab!r}")
+        if override_hash_lists and lab != "safe":
+            raise InvalidArgument(
+                f"{ref}: only a safe label can override hash lists (this one is {lab}); nothing was labelled"
+            )
+        if override_hash_lists and not (why and why.strip()):
+            raise InvalidArgument(
+                f"{ref}: overriding a hash-list match needs a reason (--reason, or a reason column); "
+                "nothing was labelled"
+            )
         try:
             resolved.append((ref, store.resolve_image(ref), lab, why))
         except NotFound as e:
             raise NotFound(f"{e}; nothing was labelled") from None
-    events = store.append_labels([(image_id, lab, why) for _, image_id, lab, why in resolved], who)
+    if override_hash_lists:
+        listed = store.hash_list_imports(settings.pdq_max_distance, [image_id for _, image_id, _, _ in resolved])
+        for ref, image_id, _, _ in resolved:
+            if image_id not in listed:
+                raise InvalidArgument(
+                    f"{ref} (image {image_id}) matches no hash list within PDQ distance {settings.pdq_max_distance}: "
+                    "there is nothing to override, a plain --safe is enough; nothing was labelled"
+                )
+    events = store.append_labels(
+        [(image_id, lab, why) for _, image_id, lab, why in resolved], who, override_hash_lists=override_hash_lists
+    )
     _refresh_unsafe_file(store, settings)
     return [
-        LabelResult(ref=ref, id=image_id, label=ev.label, event=ev.event, who=ev.who, at=ev.at)
+        LabelResult(
+            ref=ref,
+            id=image_id,
+            label=ev.label,
+            event=ev.event,
+            who=ev.who,
+            at=ev.at,
+            override_hash_lists=ev.override_hash_lists,
+        )
         for (ref, image_id, _, _), ev in zip(resolved, events, strict=True)
     ]
 

@@ -28,20 +28,23 @@ def model_flags(settings: Settings) -> tuple[str, float]:
     return f"s_{settings.nsfw_level}", float(settings.nsfw_threshold)
 
 
-def unsafe_sources(*, label: str | None, hash_listed: bool, model_flagged: bool) -> list[str]:
+def unsafe_sources(
+    *, label: str | None, hash_listed: bool, model_flagged: bool, hash_list_overridden: bool = False
+) -> list[str]:
     """Why an image is known-unsafe (empty: it is not), from its current human label (`unsafe`, `safe` or None),
-    whether an imported hash list holds a PDQ hash within the configured distance, and the model's verdict.
+    whether an imported hash list holds a PDQ hash within the configured distance, the model's verdict, and whether
+    the current label is an explicit override of the hash-list matches.
 
-    A human `unsafe` always counts; a human `safe` cancels the hash-list and model sources.
+    A human `unsafe` always counts. A human `safe` overrides the model only: a hash-list match still counts unless
+    the current label event is a `safe` that overrides hash lists explicitly (`label --safe --override-hash-lists`).
     """
     out: list[str] = []
     if label == "unsafe":
         out.append("human")
-    if label != "safe":
-        if hash_listed:
-            out.append("hash_list")
-        if model_flagged:
-            out.append("model")
+    if hash_listed and not (hash_list_overridden and label == "safe"):
+        out.append("hash_list")
+    if model_flagged and label != "safe":
+        out.append("model")
     return out
 
 

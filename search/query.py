@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from search.vectors import IndexFiles, Snapshot, set_search_params
 log = logging.getLogger(__name__)
 
 DEFAULT_NEAR_DUPLICATE_LIMIT = 100
+#: float32 rounding puts a unit vector's similarity with itself a hair above 1: that much is clamped, more is damage
+SIMILARITY_SLACK = 1e-3
 
 
 class Searcher:
@@ -105,8 +108,9 @@ class Searcher:
             snap = self._unsafe
             if snap is None or (gen_now.get("unsafe") or 0) != snap.generation:
                 snap = self.files.load("unsafe")
+            rebuilt = snap is None
             self._unsafe, added, removed = self.files.sync_unsafe(snap, set(self._unsafe_map))
-            if self.persist and (added or removed):
+            if self.persist and (added or removed or (rebuilt and "unsafe" in self.files.problems)):
                 self.files.save(self._unsafe)
             self._load_hash_matchers()
             self._token = self.state_token() if self.persist else token
@@ -137,7 +141,14 @@ class Searcher:
                 "generation": self._all.generation if self._all else None,
                 "factory": self.files.factory_for("all"),
                 "loaded_at": self.loaded_at,
+                "problems": self.index_problems(),
             }
+
+    def index_problems(self) -> list[str]:
+        """Damage found in the FAISS files on disk when they were loaded (the served index was rebuilt from SQLite
+        instead; a writer has rewritten the file, a reader leaves that to the next writer)."""
+        with self._lock:
+            return [f"{msg}; serving an index rebuilt from SQLite" for _, msg in sorted(self.files.problems.items())]
 
     def close(self) -> None:
         self.store.close()
@@ -146,6 +157,11 @@ class Searcher:
         """The id of this exact content in the store, if it is indexed."""
         with self._lock:
             return self.store.ids_by_sha([sha256]).get(sha256)
+
+    def paths_of(self, image_id: int) -> list[str]:
+        """The stored paths of an image (sorted; [] when it is gone)."""
+        with self._lock:
+            return self.store.paths_of([image_id])[image_id]
 
     # -- queries --
     def nearest_unsafe(
@@ -179,7 +195,7 @@ class Searcher:
             else:  # no selector to build per query: a few extra results cover the excluded ids
                 sims, ids = self._unsafe.index.search(q, min(k + len(skip), int(self._unsafe.index.ntotal)))
             hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0 and i not in skip]
-            hits = hits[:k]
+            hits = bounded(hits)[:k]
             if min_similarity is not None:
                 hits = [(i, s) for i, s in hits if s >= min_similarity]
             rows = self.store.images([i for i, _ in hits])
@@ -222,7 +238,7 @@ class Searcher:
                 sims, ids = self._all.index.search(q, kk)
                 hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
             skip = set(exclude)
-            hits = sorted(((i, s) for i, s in hits if s >= t and i not in skip), key=lambda h: (-h[1], h[0]))
+            hits = sorted(((i, s) for i, s in bounded(hits) if s >= t and i not in skip), key=lambda h: (-h[1], h[0]))
             return [NearDuplicate(id=i, similarity=s) for i, s in hits[:limit]]
 
     def pdq_matches(self, pdq_hash: str | None, max_distance: int | None = None) -> list[PdqMatch]:
@@ -288,6 +304,7 @@ class Searcher:
             )
             ans.pdq.matches = [m for m in ans.pdq.matches if m.id != image_id]
             sources_now = self._unsafe_map.get(image_id, [])
+            override = self.store.hash_list_overrides(self.settings, [image_id]).get(image_id)
         return NeighboursAnswer(
             id=image_id,
             nsfw=Nsfw(
@@ -301,7 +318,20 @@ class Searcher:
             nearest_unsafe=ans.nearest_unsafe,
             near_duplicates=ans.near_duplicates,
             pdq=ans.pdq,
+            hash_list_override=override,
         )
+
+
+def bounded(hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Cosine similarities of unit vectors lie in [-1, 1]: rounding is clamped; anything further out (or not finite)
+    can only come from a damaged vector and is dropped, never returned."""
+    out: list[tuple[int, float]] = []
+    for i, s in hits:
+        if not math.isfinite(s) or abs(s) > 1.0 + SIMILARITY_SLACK:
+            log.error("similarity %r for image %d is impossible (damaged index?): left out", s, i)
+            continue
+        out.append((i, min(1.0, max(-1.0, s))))
+    return out
 
 
 def _as_query(vec: np.ndarray) -> np.ndarray:

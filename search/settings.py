@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from search.errors import InvalidArgument
 
 LEVELS: tuple[str, ...] = ("neutral", "low", "medium", "high")
 DEFAULT_MODEL = "Freepik/nsfw_image_detector"
@@ -43,6 +46,8 @@ class Settings(BaseSettings):
     nsfw_threshold: float = Field(0.5, ge=0.0, le=1.0)
     pdq_max_distance: int = Field(31, ge=0, le=256)
     pdq_min_quality: int = Field(0, ge=0, le=100)
+    # thumbnails: blurred by default from this score at the verdict level (None: nsfw_threshold), and known-unsafe
+    blur_score: float | None = Field(None, ge=0.0, le=1.0)
 
     # search
     k: int = Field(10, ge=1, le=1000)
@@ -59,6 +64,16 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(10.0, ge=0.0)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
     reload_seconds: float = Field(2.0, gt=0.0)
+    # HTTP hardening (api/limits.py, api/protocol.py, api/worker.py): every upload is decoded under these
+    http_max_pixels: int = Field(50_000_000, ge=1)  # an upload's declared pixels (the CLI's cap is max_pixels)
+    max_images_per_request: int = Field(16, ge=1)
+    decode_pixel_budget: int = Field(150_000_000, ge=1)  # pixels being decoded or waiting for inference, server-wide
+    decode_threads: int = Field(2, ge=1)  # threads preparing large uploads (one more lane for small ones)
+    body_bytes_budget: int = Field(256 * 1024 * 1024, ge=1)  # request bodies being received or held, server-wide
+    body_idle_seconds: float = Field(10.0, gt=0.0)  # a body read with no byte for this long: 408
+    body_total_seconds: float = Field(120.0, gt=0.0)  # a whole body read taking longer: 408
+    header_seconds: float = Field(10.0, gt=0.0)  # a connection without complete request headers: closed (408)
+    max_connections: int = Field(64, ge=1)  # open HTTP connections; more are answered 503 at once
 
     @field_validator("index_factory")
     @classmethod
@@ -69,8 +84,13 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_flags(cls, **flags: Any) -> Settings:
-        """Flags given as None are left out so the environment and the defaults apply."""
-        return cls(**{k: v for k, v in flags.items() if v is not None})
+        """Flags given as None are left out so the environment and the defaults apply. A bad value raises
+        InvalidArgument naming the flag or the `NSFW_INDEX_*` variable it came from and the values accepted."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as e:
+            raise InvalidArgument(_explain(e, given)) from None
 
     def resolved_device(self) -> str:
         if self.device is not None:
@@ -92,3 +112,40 @@ class Settings(BaseSettings):
         import os
 
         return max(1, (os.cpu_count() or 2) - 1)
+
+
+def accepted_values(field: str) -> str:
+    """What a setting accepts, in words: its choices, or its type and bounds."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return "see `nsfw-index --help`"
+    kinds = [info.annotation, *get_args(info.annotation)]
+    choices = [c for a in kinds if get_origin(a) is Literal for c in get_args(a)]
+    if choices:
+        return "one of " + ", ".join(map(str, choices))
+    names = {int: "an integer", float: "a number", bool: "a boolean (1/0, true/false)", str: "text", Path: "a path"}
+    kind = next((names[a] for a in kinds if a in names), "a value")
+    bounds = []
+    for m in info.metadata:
+        for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{word} {getattr(m, attr)}")
+    return kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _explain(e: ValidationError, given: dict[str, Any]) -> str:
+    """One line per bad setting: where the value came from (flag or environment variable), the value, what is
+    accepted."""
+    lines = []
+    for err in e.errors():
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        env = f"NSFW_INDEX_{field.upper()}"
+        env_value = next((v for k, v in os.environ.items() if k.upper() == env), None)
+        if field in given:
+            where = f"--{field.replace('_', '-')} {given[field]!r}"
+        elif env_value is not None:
+            where = f"environment variable {env}={env_value!r}"
+        else:
+            where = field or "settings"
+        lines.append(f"{where}: {err['msg']}; accepted: {accepted_values(field)}")
+    return "; ".join(lines)

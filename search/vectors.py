@@ -1,8 +1,9 @@
-"""FAISS indexes derived from SQLite: built, caught up, checked and written atomically with a manifest."""
+"""FAISS indexes derived from SQLite: built, caught up, checked (sha256 in the manifest) and written atomically."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from search.errors import IndexMismatch, InvalidArgument
+from search.errors import IndexMismatch, IndexWriteFailed, InvalidArgument
 from search.settings import Settings
 from search.store import Store
 
@@ -47,6 +48,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def make_index(factory: str, dim: int) -> faiss.Index:
@@ -92,6 +101,8 @@ class IndexFiles:
         self.store = store
         self.settings = settings
         self.dir = store.root / "faiss"
+        #: damage found when loading, per index name (cleared by a good load or a save)
+        self.problems: dict[str, str] = {}
 
     def manifest_path(self, name: str) -> Path:
         return self.dir / f"{name}.manifest.json"
@@ -121,8 +132,33 @@ class IndexFiles:
             return str(self.store.get_info("index_factory", "Flat"))
         return "Flat"  # the known-unsafe subset is small and changes often: exact, and removals are cheap
 
+    def check_file(self, name: str, m: dict[str, Any]) -> tuple[faiss.Index | None, str | None]:
+        """Load the file a manifest names, checking its sha256 first: (index, None), or (None, what is wrong)."""
+        path = self.dir / str(m.get("file", ""))
+        want = m.get("sha256")
+        if not want:
+            return None, f"index {name}: the manifest names no sha256 of {path.name} (older version): cannot trust it"
+        try:
+            before = path.stat()
+            got = file_sha256(path)
+            index = faiss.read_index(str(path))
+            after = path.stat()
+        except (RuntimeError, OSError) as e:
+            return None, f"index {name}: {path.name} is unreadable ({str(e).splitlines()[0] if str(e) else e!r})"
+        if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
+            return None, f"index {name}: {path.name} changed while it was being read"
+        if got != want:
+            return None, (
+                f"index {name}: {path.name} is damaged: sha256 {got[:16]}... != manifest {str(want)[:16]}... "
+                f"({before.st_size} bytes, manifest says {m.get('size')})"
+            )
+        if index.ntotal != m.get("count") or index.d != m.get("dim") or not isinstance(index, faiss.IndexIDMap2):
+            return None, f"index {name}: {path.name} disagrees with its manifest (count, dim or id map)"
+        return index, None
+
     def load(self, name: str) -> Snapshot | None:
-        """The snapshot on disk, if its manifest and file agree with each other and with the store; else None."""
+        """The snapshot on disk, if its manifest and file agree with each other and with the store; else None.
+        A file that fails its checksum is recorded in `problems` (and never returned)."""
         m = self.read_manifest(name)
         if m is None:
             return None
@@ -131,37 +167,68 @@ class IndexFiles:
         if diffs:
             log.info("index %s is stale (%s): rebuilding", name, diffs)
             return None
-        path = self.dir / m.get("file", "")
-        try:
-            index = faiss.read_index(str(path))
-        except (RuntimeError, OSError) as e:
-            log.warning("index file %s unreadable (%s): rebuilding", path, e)
+        index, problem = self.check_file(name, m)
+        if index is None:
+            log.error("%s: rebuilding it from SQLite", problem)
+            self.problems[name] = str(problem)
             return None
-        if index.ntotal != m.get("count") or index.d != m.get("dim") or not isinstance(index, faiss.IndexIDMap2):
-            log.warning("index file %s disagrees with its manifest: rebuilding", path)
-            return None
+        self.problems.pop(name, None)
         return Snapshot(name, index, m)
 
+    def disk_generation(self, name: str) -> int:
+        return int((self.read_manifest(name) or {}).get("generation", 0) or 0)
+
     def save(self, snap: Snapshot) -> None:
-        """Write the index under a new generation, then its manifest (the commit point), then drop old files."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        gen = max(snap.generation, int((self.read_manifest(snap.name) or {}).get("generation", 0))) + 1
+        """Write the index under a new generation, then its manifest (the commit point), then drop old files.
+        A failed write (IndexWriteFailed) leaves the previous generation in place and no file at the new name."""
+        gen = max(snap.generation, self.disk_generation(snap.name)) + 1
         fname = f"{snap.name}.{gen:06d}.faiss"
         data = faiss.serialize_index(snap.index).tobytes()
-        atomic_write_bytes(self.dir / fname, data)
         manifest = {
             **self.expected(snap.name),
             **{k: v for k, v in snap.manifest.items() if k in ("watermark", "members_hash")},
             "generation": gen,
             "file": fname,
             "count": int(snap.index.ntotal),
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
         }
-        atomic_write_bytes(self.manifest_path(snap.name), json.dumps(manifest, indent=1).encode())
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.dir / fname, data)
+            atomic_write_bytes(self.manifest_path(snap.name), json.dumps(manifest, indent=1).encode())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                if (self.read_manifest(snap.name) or {}).get("file") != fname:
+                    (self.dir / fname).unlink()
+            raise IndexWriteFailed(
+                f"cannot write the FAISS index {fname} in {self.dir} ({e.strerror or e}); the previous index is "
+                "kept and SQLite holds everything: free some space, then run `nsfw-index rebuild`"
+            ) from e
         snap.manifest = manifest
-        for old in self.dir.glob(f"{snap.name}.*.faiss"):
-            if old.name != fname:
+        self.problems.pop(snap.name, None)
+        for old in [*self.dir.glob(f"{snap.name}.*.faiss"), *self.dir.glob(f".{snap.name}.*.tmp")]:
+            if old.name != fname:  # older generations, and temp files of killed writers (we hold the lock)
                 with contextlib.suppress(OSError):
                     old.unlink()
+
+    def verify(self) -> list[str]:
+        """Problems with the FAISS files on disk (empty when fine): unreadable manifests, files that are missing,
+        unreadable or fail their sha256, or disagree with their manifest. A missing or stale index is no problem
+        (it is rebuilt from SQLite on open)."""
+        out: list[str] = []
+        for name in INDEX_NAMES:
+            path = self.manifest_path(name)
+            if not path.exists():
+                continue
+            m = self.read_manifest(name)
+            if m is None:
+                out.append(f"index {name}: {path.name} is not a readable manifest")
+                continue
+            _, problem = self.check_file(name, m)
+            if problem:
+                out.append(problem)
+        return out
 
     # -- the index over all images --
     def build_all(self) -> Snapshot:
@@ -213,8 +280,11 @@ class IndexFiles:
     # -- the index over the known-unsafe subset --
     def sync_unsafe(self, snap: Snapshot | None, unsafe_ids: set[int]) -> tuple[Snapshot, int, int]:
         """Make the unsafe index hold exactly `unsafe_ids`: add and remove the difference. Returns (snap, +n, -n)."""
-        if snap is None:
-            snap = Snapshot("unsafe", make_index("Flat", self.store.embedding_dim()), {"watermark": 0})
+        if snap is None:  # built anew: it stands in for the generation on disk (a reader does not reload it)
+            gen = self.disk_generation("unsafe")
+            snap = Snapshot(
+                "unsafe", make_index("Flat", self.store.embedding_dim()), {"watermark": 0, "generation": gen}
+            )
         have = set(index_ids(snap.index).tolist())
         add = sorted(unsafe_ids - have)
         remove = sorted(have - unsafe_ids)
@@ -237,6 +307,7 @@ class IndexFiles:
                 snap = None
         if snap is None:
             snap = self.build_all()
+            snap.manifest["generation"] = self.disk_generation("all")  # stands in for the file on disk
             changed = True
         set_search_params(snap.index, self.settings)
         if persist and changed:
@@ -245,8 +316,9 @@ class IndexFiles:
 
     def open_unsafe(self, *, persist: bool) -> Snapshot:
         snap = self.load("unsafe")
+        rebuilt = snap is None
         snap, added, removed = self.sync_unsafe(snap, set(self.store.known_unsafe(self.settings)))
-        if persist and (added or removed or not self.read_manifest("unsafe")):
+        if persist and (added or removed or rebuilt):
             self.save(snap)
         return snap
 
@@ -268,6 +340,9 @@ class IndexFiles:
                 continue
             exp = self.expected(name)
             stale = [k for k, v in exp.items() if m.get(k) != v]
+            damaged = None if stale else self.check_file(name, m)[1]  # a stale file is rebuilt anyway
+            if damaged:
+                stale.append("damaged")
             out[name] = {
                 "exists": True,
                 "generation": m.get("generation"),
@@ -279,5 +354,7 @@ class IndexFiles:
                 else None,
                 "fresh": not stale and (name != "all" or int(m.get("watermark", 0)) >= top),
                 "stale_because": stale,
+                "checksum": "missing" if not m.get("sha256") else ("mismatch" if damaged else "ok"),
+                "damaged": damaged,
             }
         return out

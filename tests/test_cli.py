@@ -68,7 +68,7 @@ def test_store_from_the_environment(tmp_path: Path, checkpoint: Path) -> None:
     assert json.loads(p.stdout)["images"] == 1
 
 
-def _run_on_a_terminal(args: list[str], timeout: float = 120) -> str:
+def _run_on_a_terminal(args: list[str], timeout: float = 120, expect: int = 0) -> str:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
     exe = Path(sys.executable).parent / "nsfw-index"
@@ -90,7 +90,7 @@ def _run_on_a_terminal(args: list[str], timeout: float = 120) -> str:
             break
     proc.wait(timeout=30)
     os.close(master)
-    assert proc.returncode == 0
+    assert proc.returncode == expect
     return b"".join(chunks).decode(errors="replace")
 
 
@@ -101,10 +101,11 @@ def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path: Path, checkpoi
         photo(i).save(c / f"{i}.png")
     (c / "bad.jpg").write_text("x")
     common = ["--model", str(checkpoint), "--workers", "0", "--batch-size", "2"]
-    out = _run_on_a_terminal(["index", str(c), "--store", str(tmp_path / "s1"), *common])
+    # bad.jpg is in error: exit status 1 (the README's "some inputs failed")
+    out = _run_on_a_terminal(["index", str(c), "--store", str(tmp_path / "s1"), *common], expect=1)
     assert "indexing" in out and "img/s" in out and "errors=1" in out and "7/7" in out
     assert "stage seconds" in out
-    quiet = _run_on_a_terminal(["index", str(c), "--store", str(tmp_path / "s2"), "--quiet", *common])
+    quiet = _run_on_a_terminal(["index", str(c), "--store", str(tmp_path / "s2"), "--quiet", *common], expect=1)
     assert "indexing" not in quiet and "stage seconds" not in quiet
     piped = run_cli("index", str(c), "--store", str(tmp_path / "s3"), *common)
     assert "img/s" not in piped.stdout + piped.stderr and "stage seconds" in piped.stderr

@@ -322,7 +322,7 @@ def test_bad_files_never_stop_a_run(tmp_path, settings_for, extractor) -> None:
     assert errors["big.png"]["kind"] == "too_large"
     assert "zero-byte" in errors["empty.png"]["reason"]
     assert errors["text.jpg"]["kind"] == "unsupported_format"
-    # exit status: 0 while something was indexed, 1 when nothing could be
+    # exit status (README): 1 whenever some input is in error, 0 only when every input was indexed or unchanged
     p = run_cli(
         "index",
         str(corpus / "text.jpg"),
@@ -338,6 +338,8 @@ def test_bad_files_never_stop_a_run(tmp_path, settings_for, extractor) -> None:
     p = run_cli(
         "index", str(corpus), "--store", str(tmp_path / "s3"), "--model", settings.model, "--workers", "0", "--json"
     )
+    assert p.returncode == 1 and json.loads(p.stdout)["new_images"] == 3, p.stderr  # big.png fits the default cap
+    p = run_cli("index", str(good[0]), "--store", str(tmp_path / "s4"), "--model", settings.model, "--workers", "0")
     assert p.returncode == 0, p.stderr
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -142,7 +143,7 @@ def text_of(nb: nbformat.NotebookNode) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_clustering_notebook_runs_on_search_alone(
-    built_store: Path, kernel_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    built_store: Path, corpus: Path, kernel_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = tmp_path / "store"
     shutil.copytree(built_store, store)
@@ -150,7 +151,7 @@ def test_clustering_notebook_runs_on_search_alone(
         "clustering",
         {
             "STORE": str(store),
-            "BLUR_ABOVE": 0.5,
+            "BLUR_ABOVE": 1.0,  # no score reaches it: only being known-unsafe blurs (the human label below)
             "THRESHOLD": 0.95,
             "N_CLUSTERS": None,
             "RUN_CLUSTERING": True,
@@ -182,6 +183,11 @@ def test_clustering_notebook_runs_on_search_alone(
     with Store(store, readonly=True) as s:
         summary = cluster_summary(s, Settings(nsfw_threshold=1.0))
     assert summary is not None and summary.groups == 4 and summary.flagged_groups == 1
+    # every known-unsafe image shown is blurred, the human-labelled one included, whatever its score
+    with Store(store, readonly=True) as s:
+        human = s.resolve_image(str(corpus / "fam0_small.png"))
+    shown = re.search(r"known-unsafe shown \(all blurred\): \[([0-9, ]*)\]", text)
+    assert shown is not None and human in [int(x) for x in shown.group(1).split(",") if x.strip()]
 
 
 @pytest.mark.slow

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from api.routers import clusters, hash_lists, images, query, service
+from api.routers import clusters, hash_lists, images, query, review, service
 
-ROUTERS: tuple[APIRouter, ...] = (query.router, images.router, hash_lists.router, clusters.router, service.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    query.router,
+    images.router,
+    review.router,
+    hash_lists.router,
+    clusters.router,
+    service.router,
+)
 
 
 def include_routers(app: FastAPI) -> None:

@@ -74,7 +74,7 @@ async def add_image(request: Request, caller: Writer, svc: ServiceDep) -> schema
     def write() -> tuple[int, bool]:
         # the writer lock: an `nsfw-index index` run holding it gets WRITE_LOCK_TIMEOUT seconds, then a 503
         with Store.writing(svc.store_dir, "nsfw-index add", create=True, timeout=WRITE_LOCK_TIMEOUT) as store:
-            return engine_add(store, svc.extractor, svc.settings, analysis)
+            return engine_add(store, svc.extractor, svc.settings, analysis, data=upload.data)
 
     try:
         image_id, created = await run_in_threadpool(write)
@@ -118,12 +118,22 @@ def label_image(
 ) -> schemas.LabelResponse:
     """Label an image unsafe or safe (or clear the label): an event appended to the store's label log.
 
-    The event's `who` is the API key's identity, followed by the body's `who` (a reviewer name) if given.
-    Committed before the answer, and visible to the next query.
+    A `safe` overrides the model only; overriding the image's hash-list matches is a separate, explicit act
+    (`override_hash_lists: true` with a `reason`), recorded in the log and shown in the image's answers
+    (`hash_list_override`). The event's `who` is the API key's identity, followed by the body's `who` (a reviewer
+    name) if given. Committed before the answer, and visible to the next query.
     """
     who = caller.name + (f"/{w}" if (w := clean_who(body.who)) else "")
     store.image(image_id)  # 404 before anything is written (and never a path lookup by accident)
-    [result] = label_images(store, [str(image_id)], body.label, svc.settings, who=who, reason=body.reason)
+    [result] = label_images(
+        store,
+        [str(image_id)],
+        body.label,
+        svc.settings,
+        who=who,
+        reason=body.reason,
+        override_hash_lists=body.override_hash_lists,
+    )
     svc.refresh_now()
     sources = store.known_unsafe(svc.settings, ids=[image_id])[image_id]
     return schemas.LabelResponse.of(result, sources)

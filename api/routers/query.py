@@ -21,9 +21,18 @@ router = APIRouter()
 QUERY_BODY = multipart(
     {
         "file": {**BINARY, "description": "One image (JPEG, PNG, WebP, GIF, BMP or TIFF)."},
-        "files": {"type": "array", "items": BINARY, "description": "Several images, answered in order."},
+        "files": {
+            "type": "array",
+            "items": BINARY,
+            "description": "Several images, answered in order (at most max_images_per_request in all).",
+        },
     }
 )
+# a body holds `file` or `files` (or both) and nothing else: without an image, or with another part, the answer is
+# 422. Said as minProperties + additionalProperties rather than anyOf-required: a multipart body cannot carry the
+# type violations a fuzzer derives from anyOf branches
+_QUERY_SCHEMA = QUERY_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
+_QUERY_SCHEMA.update(minProperties=1, additionalProperties=False)
 
 
 def failure(e: InvalidImage, filename: str | None) -> schemas.QueryFailure:
@@ -43,6 +52,8 @@ def answer(
     if not show_paths:
         for n in ans.nearest_unsafe:
             n.paths = None
+        if ans.exact_duplicates is not None:
+            ans.exact_duplicates.paths = None
     return schemas.QueryResult.of(ans, filename)
 
 
@@ -75,6 +86,11 @@ async def query(
     uploads = form.files("file", "files")
     if not uploads:
         raise ApiError(422, "invalid_request", f"no image in the request: {MULTIPART_HINT}")
+    others = sorted({p.name for p in form.parts} - {"file", "files"})
+    if others:
+        raise ApiError(422, "invalid_request", f"unknown multipart part(s) {others}: {MULTIPART_HINT}")
+    if any(u.filename is None for u in uploads):  # a text field where the schema has a file (binary) part
+        raise ApiError(422, "invalid_request", f"`file`/`files` must be file parts (with a filename): {MULTIPART_HINT}")
     analyses, info = await svc.worker.analyze([(u.filename or u.name, u.data) for u in uploads])
     failures = [a for a in analyses if isinstance(a, InvalidImage)]
     if len(failures) == len(analyses):

@@ -9,9 +9,11 @@ from __future__ import annotations
 import click
 
 from indexer.cli.analysis import query, score
+from indexer.cli.inspect import clusters, errors, neighbours, show
 from indexer.cli.review import cluster, import_hashes, label
 from indexer.cli.serve import serve
 from indexer.cli.store import export, index, rebuild, stats
+from indexer.cli.verify import verify
 
 __all__ = ["cli", "main"]
 
@@ -28,7 +30,9 @@ def cli() -> None:
     """
 
 
-for _command in (score, index, query, label, import_hashes, cluster, stats, export, rebuild, serve):
+for _command in (show, neighbours, errors, clusters):  # review from the terminal
+    cli.add_command(_command)
+for _command in (score, index, query, label, import_hashes, cluster, stats, export, rebuild, verify, serve):
     cli.add_command(_command)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -14,6 +13,7 @@ from indexer.cli.options import (
     handle_errors,
     json_option,
     model_options,
+    preflight_model,
     require_store,
     search_options,
     settings_from,
@@ -22,27 +22,32 @@ from indexer.cli.options import (
 from indexer.cli.output import print_query, print_score_table
 from search.errors import InvalidImage
 
+ALL_FILES = click.option("--all-files", is_flag=True, help="Try every file in directories, not only image extensions.")
+
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
 @model_options
+@ALL_FILES
 @json_option("One JSON object per line per image.")
 @click.option("--with-embedding", is_flag=True, help="Include the L2-normalised embedding (with --json).")
 @handle_errors
-def score(images: tuple[Path, ...], as_json: bool, with_embedding: bool, **flags: Any) -> None:
-    """Score images with the NSFW classifier (no store needed).
+def score(inputs: tuple[str, ...], all_files: bool, as_json: bool, with_embedding: bool, **flags: Any) -> None:
+    """Score images with the NSFW classifier (no store needed): files, directories, @list.txt and .tar shards, as
+    `index` takes them.
 
     \b
     Example:
-      nsfw-index score a.jpg b.png --json
+      nsfw-index score a.jpg b.png ~/folder shard.tar --json
     Exit status 1 if any image failed (its line has `path` and `error`), 2 if nothing could run.
     """
-    from indexer.files import score_files
+    from indexer.files import score_inputs
 
     settings = settings_from(**flags)
+    preflight_model(settings)
     failed = 0
     rows = []
-    for path, result in score_files(images, settings):
+    for path, result in score_inputs(inputs, settings, all_files=all_files):
         if isinstance(result, InvalidImage):
             failed += 1
             row: dict[str, Any] = {"path": str(path), "error": str(result)}
@@ -61,7 +66,7 @@ def score(images: tuple[Path, ...], as_json: bool, with_embedding: bool, **flags
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
 @store_option
 @model_options
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=None, help="Nearest known-unsafe images (default 10).")
@@ -91,10 +96,12 @@ def score(images: tuple[Path, ...], as_json: bool, with_embedding: bool, **flags
     help="PDQ Hamming distance that counts as a match (default 31).",
 )
 @search_options
+@ALL_FILES
 @json_option("One JSON object per line per image.")
 @handle_errors
 def query(
-    images: tuple[Path, ...],
+    inputs: tuple[str, ...],
+    all_files: bool,
     k: int | None,
     sources: tuple[str, ...],
     min_similarity: float | None,
@@ -102,24 +109,34 @@ def query(
     as_json: bool,
     **flags: Any,
 ) -> None:
-    """Score images and find their nearest known-unsafe images, near-duplicates and PDQ matches in a store.
+    """Score images and find their nearest known-unsafe images, near-duplicates and PDQ matches in a store (files,
+    directories, @list.txt and .tar shards). An image already indexed is left out of its own answer; its other
+    copies are listed as exact duplicates.
 
     \b
     Example:
       nsfw-index query upload.jpg --store ./store -k 5 --source human --json
     Exit status 1 if any image failed (its line has `path` and `error`).
     """
-    from indexer.files import query_files
+    from indexer.files import query_inputs
     from search.query import Searcher
     from search.store import Store
 
     settings = settings_from(**flags, k=k, near_duplicate_threshold=threshold)
+    store_dir = require_store(settings)
+    preflight_model(settings)
     failed = 0
-    with Store(require_store(settings), readonly=True) as store:
+    with Store(store_dir, readonly=True) as store:
         searcher = Searcher(store, settings)
         try:
-            answers = query_files(
-                images, searcher, settings, k=settings.k, sources=list(sources) or None, min_similarity=min_similarity
+            answers = query_inputs(
+                inputs,
+                searcher,
+                settings,
+                all_files=all_files,
+                k=settings.k,
+                sources=list(sources) or None,
+                min_similarity=min_similarity,
             )
             for path, ans in answers:
                 if isinstance(ans, InvalidImage):
@@ -131,7 +148,7 @@ def query(
                 elif as_json:
                     emit({"path": str(path), **ans.to_json()})
                 else:
-                    print_query(str(path), ans)
+                    print_query(str(path), ans, paths=store.paths_of([d.id for d in ans.near_duplicates]))
         finally:
             searcher.close()
     if failed:

@@ -112,11 +112,20 @@ def json_option(help: str = "One JSON object.") -> Callable[[F], F]:
 
 
 def settings_from(**flags: Any) -> Settings:
-    """Flags (None: not given) over NSFW_INDEX_* environment variables over the defaults."""
-    try:
-        return Settings.from_flags(**flags)
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
-        raise click.UsageError(str(e)) from None
+    """Flags (None: not given) over NSFW_INDEX_* environment variables over the defaults. A bad value is an
+    InvalidArgument naming the flag or variable and the accepted values (exit status 2)."""
+    return Settings.from_flags(**flags)
+
+
+def preflight_model(settings: Settings) -> None:
+    """Find the model's files before the seconds of importing torch: a missing model fails at once with the hint."""
+    from indexer.model import resolve_checkpoint
+
+    resolve_checkpoint(settings.model, settings.arch)
+
+
+def verbose_option(fn: F) -> F:
+    return click.option("--verbose", "-v", is_flag=True, help="Show the library warnings captured during the run.")(fn)
 
 
 def require_store(settings: Settings) -> Path:

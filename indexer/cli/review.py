@@ -13,10 +13,21 @@ from indexer.cli.output import print_clustering, print_import, print_label
 @click.command()
 @click.argument("refs", nargs=-1)
 @store_option
-@click.option("--unsafe", "label", flag_value="unsafe", help="Mark as known-unsafe.")
-@click.option("--safe", "label", flag_value="safe", help="Mark as safe (overrides the model and hash lists).")
-@click.option("--clear", "label", flag_value="clear", help="Withdraw the human label.")
-@click.option("--reason", default=None, help="Why (kept in the label log).")
+@click.option("--unsafe", is_flag=True, help="Mark as known-unsafe.")
+@click.option(
+    "--safe",
+    is_flag=True,
+    help="Mark as safe: overrides the model's verdict only; a hash-list match still counts "
+    "(see --override-hash-lists).",
+)
+@click.option("--clear", is_flag=True, help="Withdraw the human label (the model and hash lists count again).")
+@click.option(
+    "--override-hash-lists",
+    is_flag=True,
+    help="With --safe and a --reason: also override the images' hash-list matches (recorded in the label log; "
+    "the matches stay listed in answers). A later label event ends the override.",
+)
+@click.option("--reason", default=None, help="Why (kept in the label log; required with --override-hash-lists).")
 @click.option("--who", default=None, help="Who labels (default: the login name).")
 @click.option(
     "--from-file",
@@ -29,7 +40,10 @@ from indexer.cli.output import print_clustering, print_import, print_label
 def label(
     refs: tuple[str, ...],
     store: Path | None,
-    label: str | None,
+    unsafe: bool,
+    safe: bool,
+    clear: bool,
+    override_hash_lists: bool,
     reason: str | None,
     who: str | None,
     from_file: str | None,
@@ -37,19 +51,39 @@ def label(
 ) -> None:
     """Label images unsafe/safe (or clear the label) by id, path or sha256; appends to the label log.
 
+    A human `safe` overrides the model only: an image that matches an imported hash list stays known-unsafe
+    (source hash_list) until the match is overridden explicitly with --safe --override-hash-lists --reason.
+
     \b
     Example:
       nsfw-index label --store ./store --unsafe 17 /data/x.jpg --reason "removed, ticket 123"
+      nsfw-index label --store ./store --safe 42 --override-hash-lists --reason "list false positive, ticket 9"
     """
     from search.labels import label_images
     from search.store import Store
 
-    settings = settings_from(store=store)
-    if label is None and not from_file:
+    chosen = [name for name, on in (("unsafe", unsafe), ("safe", safe), ("clear", clear)) if on]
+    if len(chosen) > 1:
+        raise click.UsageError(f"give one of --unsafe, --safe, --clear, not {' and '.join('--' + c for c in chosen)}")
+    if override_hash_lists and not safe:
+        raise click.UsageError("--override-hash-lists goes with --safe only")
+    if override_hash_lists and not from_file and not (reason and reason.strip()):
+        raise click.UsageError("--override-hash-lists needs a --reason (kept in the label log)")
+    if not chosen and not from_file:
         raise click.UsageError("say --unsafe, --safe or --clear")
+    settings = settings_from(store=store)
     # writable, without the writer lock: labels are appended while an index run goes on
     with Store(require_store(settings)) as handle:
-        events = label_images(handle, list(refs), label, settings, who=who, reason=reason, from_file=from_file)
+        events = label_images(
+            handle,
+            list(refs),
+            chosen[0] if chosen else None,
+            settings,
+            who=who,
+            reason=reason,
+            from_file=from_file,
+            override_hash_lists=override_hash_lists,
+        )
     for e in events:
         if as_json:
             emit(e.to_json())
@@ -110,29 +144,37 @@ def import_hashes(
     help="Number of k-means clusters (default: about sqrt(N/2), at most 4096).",
 )
 @click.option("--force", is_flag=True, help="Recompute even if nothing changed.")
+@click.option("--verbose", "-v", is_flag=True, help="Show the library warnings captured during the run.")
 @json_option("Print the summary as one JSON object.")
 @handle_errors
-def cluster(store: Path | None, threshold: float | None, n_clusters: int | None, force: bool, as_json: bool) -> None:
+def cluster(
+    store: Path | None, threshold: float | None, n_clusters: int | None, force: bool, verbose: bool, as_json: bool
+) -> None:
     """Compute near-duplicate groups and k-means clusters, flagging those that hold known-unsafe images.
 
     \b
     Example:
       nsfw-index cluster --store ./store --threshold 0.92 --clusters 200
     """
+    from indexer.capture import capture_warnings
+    from indexer.cli.output import print_warnings
     from search.clusters import run_clustering
     from search.store import Store
 
     settings = settings_from(store=store, near_duplicate_threshold=threshold)
-    with Store.writing(require_store(settings), "nsfw-index cluster") as handle:
+    # each stage says when it is done (on the real stderr); FAISS k-means warnings are captured and counted
+    with capture_warnings() as captured, Store.writing(require_store(settings), "nsfw-index cluster") as handle:
+        captured.say(f"clustering {handle.count_images()} images ...")
         out = run_clustering(
             handle,
             settings,
             threshold=threshold,
             n_clusters=n_clusters,
             force=force,
-            log=lambda msg: click.echo(msg, err=True),
+            log=captured.say,
         )
     if as_json:
         emit(out.to_json())
     else:
         print_clustering(out)
+    print_warnings(captured.count, captured.lines, verbose=verbose)

@@ -14,12 +14,14 @@ from indexer.cli.options import (
     handle_errors,
     json_option,
     model_options,
+    preflight_model,
     require_store,
     search_options,
     settings_from,
     store_option,
+    verbose_option,
 )
-from indexer.cli.output import print_index_summary, print_stats
+from indexer.cli.output import print_index_summary, print_stats, print_warnings
 
 
 @click.command()
@@ -44,7 +46,18 @@ from indexer.cli.output import print_index_summary, print_stats
     default=None,
     help="FAISS factory for the index over all images, e.g. Flat (default, exact), HNSW32, IVF4096,PQ64.",
 )
+@click.option(
+    "--thumbnails",
+    is_flag=True,
+    help="Keep small thumbnails (and blurred variants) inside a new store, for the review page; later runs follow.",
+)
+@click.option(
+    "--retry-errors",
+    is_flag=True,
+    help="Try files that failed before even when unchanged (by default they are skipped until they change).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@verbose_option
 @json_option("Print the run summary as one JSON object.")
 @handle_errors
 def index(
@@ -53,7 +66,10 @@ def index(
     rebuild: bool,
     all_files: bool,
     index_factory: str | None,
+    thumbnails: bool,
+    retry_errors: bool,
     quiet: bool,
+    verbose: bool,
     as_json: bool,
     **flags: Any,
 ) -> None:
@@ -62,14 +78,23 @@ def index(
     \b
     Example:
       nsfw-index index ~/corpus @more.txt shard-0001.tar --store ./store
-    Re-runs are incremental (unchanged files are skipped, content is keyed by sha256) and resumable after a crash.
-    Exit status 0 even when some files failed (they are recorded with the reason); 1 if nothing could be indexed.
+    Re-runs are incremental (unchanged files are skipped, content is keyed by sha256) and resumable after a crash;
+    files that failed are remembered too and tried again once they change (or with --retry-errors).
+    Exit status 0 when every input is indexed (or unchanged), 1 when some files are in error (they are recorded
+    with the reason: `nsfw-index errors --store DIR`), 2 when nothing could be done (usage, model or store problem).
     """
+    from indexer.capture import capture_warnings
     from indexer.service import index_inputs
+    from indexer.summary import Progress
     from search.store import Store
 
     settings = settings_from(**flags)
-    with Store.writing(require_store(settings), "nsfw-index index", create=True) as store:
+    store_dir = require_store(settings)
+    preflight_model(settings)
+    with (
+        capture_warnings() as captured,
+        Store.writing(store_dir, "nsfw-index index", create=True) as store,
+    ):
         summary = index_inputs(
             store,
             list(inputs),
@@ -78,13 +103,16 @@ def index(
             rebuild=rebuild,
             all_files=all_files,
             index_factory=index_factory,
-            progress=not quiet,
+            progress=Progress(not quiet, file=captured.stream),
+            thumbnails=thumbnails,
+            retry_errors=retry_errors,
         )
+    summary.warnings = captured.lines
     if as_json:
-        emit({"run_id": summary.run_id, **summary.counts(), "timings": summary.timings})
+        emit({"run_id": summary.run_id, **summary.counts(), "warnings": captured.count, "timings": summary.timings})
     elif not quiet:
-        print_index_summary(summary, pruned=prune)
-    if summary.errors and summary.indexed_paths == 0 and summary.unchanged == 0:
+        print_index_summary(summary, pruned=prune, store=store_dir, warnings=captured.count, verbose=verbose)
+    if summary.failed:
         sys.exit(EXIT_FAILED_ITEMS)
 
 
@@ -121,23 +149,38 @@ def stats(store: Path | None, as_json: bool, recall_sample: int, nprobe: int | N
 @click.command()
 @store_option
 @click.option("--index-factory", default=None, help="Change the FAISS factory while rebuilding (e.g. HNSW32).")
+@verbose_option
 @handle_errors
-def rebuild(store: Path | None, index_factory: str | None) -> None:
+def rebuild(store: Path | None, index_factory: str | None, verbose: bool) -> None:
     """Rebuild the FAISS index files from SQLite (the source of truth).
 
     \b
     Example:
       nsfw-index rebuild --store ./store --index-factory HNSW32
     """
+    import time
+
+    from indexer.capture import capture_warnings
     from search.service import rebuild_indexes
     from search.store import Store
 
     settings = settings_from(store=store, index_factory=index_factory)
-    with Store.writing(require_store(settings), "nsfw-index rebuild") as handle:
+    with capture_warnings() as captured, Store.writing(require_store(settings), "nsfw-index rebuild") as handle:
+        factory = index_factory or str(handle.get_info("index_factory", settings.index_factory))
+        n = handle.count_images()
+        captured.say(
+            f"rebuilding the FAISS indexes over {n} images ({factory}; training an approximate index "
+            "can take minutes) ..."
+        )
+        t0 = time.perf_counter()
         counts = rebuild_indexes(handle, settings, index_factory=index_factory)
+        took = time.perf_counter() - t0
     click.echo(
-        f"rebuilt: {counts['all']} vectors in the index over all images, {counts['unsafe']} known-unsafe", err=True
+        f"rebuilt in {took:.1f}s: {counts['all']} vectors in the index over all images, "
+        f"{counts['unsafe']} known-unsafe",
+        err=True,
     )
+    print_warnings(captured.count, captured.lines, verbose=verbose)
 
 
 @click.command()

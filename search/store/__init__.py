@@ -10,7 +10,7 @@ from search.policy import LABELS, SOURCES
 from search.store.base import DB_FILE
 from search.store.core import Store
 from search.store.lock import LOCK_FILE, WriterLock
-from search.store.rows import IMAGE_COLUMNS, ImageRecord, image_row, utcnow, vectors_from_blobs
+from search.store.rows import IMAGE_COLUMNS, ImageRecord, Thumbnail, image_row, utcnow, vectors_from_blobs
 from search.store.schema import MIGRATIONS, SCHEMA_VERSION
 from search.store.sql import chunks
 
@@ -24,6 +24,7 @@ __all__ = [
     "SOURCES",
     "ImageRecord",
     "Store",
+    "Thumbnail",
     "WriterLock",
     "chunks",
     "image_row",

@@ -48,7 +48,11 @@ class StoreBase:
             if not readonly:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
+                # deleted content (a dropped image's thumbnails) is overwritten with zeros, not left in free pages
+                conn.execute("PRAGMA secure_delete = ON")
             conn.execute("PRAGMA foreign_keys = ON")
+            # a REPLACE that deletes a row fires its delete triggers (the label log's guard among them)
+            conn.execute("PRAGMA recursive_triggers = ON")
             self.db = sqlite_utils.Database(conn)
             if migrate(conn, self.db_path, readonly=readonly) and not readonly:
                 self.set_info("schema_version", SCHEMA_VERSION)
@@ -116,3 +120,14 @@ class StoreBase:
         if ident is None:
             raise StoreNotFound(f"the store at {self.root} has no images yet; index some first")
         return ident.embedding_dim
+
+    # -- checks --
+    def integrity_check(self) -> list[str]:
+        """`PRAGMA integrity_check`: empty when SQLite finds the database sound, else its messages."""
+        rows = [str(r[0]) for r in self.db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
+    def image_ids(self, upto_id: int | None = None) -> list[int]:
+        """Every image id (up to `upto_id`), in order."""
+        q = "SELECT id FROM images" + (" WHERE id <= ?" if upto_id is not None else "") + " ORDER BY id"
+        return [int(r[0]) for r in self.db.execute(q, [] if upto_id is None else [upto_id])]

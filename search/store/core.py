@@ -14,9 +14,10 @@ from search.store.clusters import ClusterTables
 from search.store.labels import LabelTables
 from search.store.runs import RunTables
 from search.store.schema import SCHEMA_VERSION
+from search.store.thumbnails import ThumbnailTables
 
 
-class Store(ClusterTables, LabelTables, RunTables):
+class Store(ThumbnailTables, ClusterTables, LabelTables, RunTables):
     """The SQLite side of a store. Cheap to open; one per thread (sqlite connections are not shared).
 
     `Store(root, create=False, readonly=False)` opens it; `Store.writing(root, purpose)` opens it writable and holds

@@ -15,6 +15,7 @@ from search.errors import NotFound
 from search.store.hashlists import HashListTables
 from search.store.rows import IMAGE_COLUMNS, ImageRecord, blob, image_row, utcnow, vectors_from_blobs
 from search.store.sql import chunks, marks
+from search.store.thumbnails import insert_thumbnails
 
 _INSERT_IMAGE = (
     "INSERT OR IGNORE INTO images (sha256, size, width, height, format, p_neutral, p_low, p_medium, p_high, "
@@ -28,6 +29,10 @@ _UPSERT_PATH = (
 )
 
 
+#: A file that failed: path, reason, kind, and the size and mtime_ns it had (None: unknown, it is always retried).
+ErrorRow = tuple[str, str, str, int | None, int | None]
+
+
 class ImageTables(HashListTables):
     """Mixin of `Store`: images keyed by content sha256, the paths that hold them, and per-path errors."""
 
@@ -37,7 +42,7 @@ class ImageTables(HashListTables):
         run_id: int,
         images: Sequence[ImageRecord],
         paths: Sequence[tuple[str, str, int | None, int | None]],
-        errors: Sequence[tuple[str, str, str]] = (),
+        errors: Sequence[ErrorRow] = (),
         *,
         match_distance: int = 64,
     ) -> dict[str, int]:
@@ -65,6 +70,7 @@ class ImageTables(HashListTables):
                 ],
             )
             ids = self.ids_by_sha({r.sha256 for r in images} | {p[1] for p in paths})
+            insert_thumbnails(conn, [(ids[r.sha256], r.thumbnail) for r in images if r.thumbnail is not None])
             touched: set[int] = set()  # images that may have lost their last path
             for path, *_ in [*paths, *errors]:
                 row = conn.execute("SELECT image_id FROM paths WHERE path = ?", [path]).fetchone()
@@ -82,11 +88,12 @@ class ImageTables(HashListTables):
                 self._insert_matches(
                     [(ids[r.sha256], hid, dist) for r, hits in zip(new, found, strict=True) for hid, dist in hits]
                 )
-            for path, reason, kind in errors:
+            for path, reason, kind, size, mtime_ns in errors:
                 conn.execute("DELETE FROM paths WHERE path = ?", [path])
                 conn.execute(
-                    "INSERT OR REPLACE INTO errors (path, reason, kind, run_id, at) VALUES (?,?,?,?,?)",
-                    [path, reason, kind, run_id, now],
+                    "INSERT OR REPLACE INTO errors (path, reason, kind, run_id, at, size, mtime_ns)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    [path, reason, kind, run_id, now, size, mtime_ns],
                 )
             if touched:  # content that lost its last path by being overwritten is dropped like a pruned one
                 self._drop_orphans(conn, touched)

@@ -23,6 +23,16 @@ def utcnow() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+@dataclass(frozen=True)
+class Thumbnail:
+    """One image's thumbnails (`indexer.thumbnails`): a small JPEG and a server-side blurred JPEG of the same size."""
+
+    width: int
+    height: int
+    original: bytes
+    blurred: bytes
+
+
 @dataclass
 class ImageRecord:
     """One image's row, as the pipeline writes it."""
@@ -38,6 +48,7 @@ class ImageRecord:
     embedding: np.ndarray
     pdq: str | None = None
     pdq_quality: int | None = None
+    thumbnail: Thumbnail | None = None  # only in a store created with `index --thumbnails`
 
 
 def blob(v: np.ndarray) -> bytes:

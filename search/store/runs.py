@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from search.store.base import StoreBase
 from search.store.rows import utcnow
+from search.store.sql import marks
+
+_ERROR_COLUMNS = ("path", "reason", "kind", "run_id", "at", "size", "mtime_ns")
 
 
 class RunTables(StoreBase):
@@ -38,11 +42,28 @@ class RunTables(StoreBase):
             )
         ]
 
-    def errors(self, limit: int | None = None) -> list[dict[str, Any]]:
-        q = "SELECT path, reason, kind, run_id, at FROM errors ORDER BY path" + (
+    def errors(self, limit: int | None = None, *, kinds: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """The per-file errors (path, reason, kind, run_id, at, size, mtime_ns) by path, only `kinds` if given."""
+        where = f" WHERE kind IN ({marks(list(kinds))})" if kinds else ""
+        q = f"SELECT {', '.join(_ERROR_COLUMNS)} FROM errors{where} ORDER BY path" + (
             f" LIMIT {int(limit)}" if limit else ""
         )
-        return [dict(zip(("path", "reason", "kind", "run_id", "at"), r, strict=True)) for r in self.db.execute(q)]
+        return [dict(zip(_ERROR_COLUMNS, r, strict=True)) for r in self.db.execute(q, list(kinds))]
 
-    def count_errors(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM errors").fetchone()[0])
+    def count_errors(self, *, kinds: Sequence[str] = ()) -> int:
+        where = f" WHERE kind IN ({marks(list(kinds))})" if kinds else ""
+        return int(self.db.execute(f"SELECT COUNT(*) FROM errors{where}", list(kinds)).fetchone()[0])
+
+    def error_kinds(self) -> dict[str, int]:
+        """kind -> how many files have an error of that kind."""
+        return {str(k): int(n) for k, n in self.db.execute("SELECT kind, COUNT(*) FROM errors GROUP BY kind")}
+
+    def all_error_states(self) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, kind) of every failed file whose size and mtime are known (an index run skips it
+        while both are unchanged)."""
+        return {
+            r[0]: (int(r[1]), int(r[2]), str(r[3]))
+            for r in self.db.execute(
+                "SELECT path, size, mtime_ns, kind FROM errors WHERE size IS NOT NULL AND mtime_ns IS NOT NULL"
+            )
+        }

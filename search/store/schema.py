@@ -4,9 +4,11 @@ user_version records the last one applied."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from search.errors import StoreCorrupt
+from search.store.chain import seal_label_log
 
 #: Numbered migrations, one SQL script a file (`migrations/NNNN_name.sql`), applied in order on open; PRAGMA
 #: user_version holds the last applied number. Append only: never edit a migration that has shipped, add the next
@@ -25,6 +27,8 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[str]:
 
 MIGRATIONS: list[str] = load_migrations()
 SCHEMA_VERSION = len(MIGRATIONS)
+#: Python steps run right after a migration's SQL, in the same transaction (migration number -> step).
+FOLLOW_UPS: dict[int, Callable[[sqlite3.Connection], None]] = {3: seal_label_log}
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
@@ -68,6 +72,8 @@ def apply_migrations(conn: sqlite3.Connection, version: int) -> None:
             if schema_version(conn) < number:
                 for statement in statements(MIGRATIONS[number - 1]):
                     conn.execute(statement)
+                if number in FOLLOW_UPS:
+                    FOLLOW_UPS[number](conn)
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
