@@ -100,7 +100,7 @@ def resolve_checkpoint(model: str = DEFAULT_MODEL, arch: str | None = None) -> C
 
 
 #: Seconds the one reachability probe of the Hub may take before a missing model is reported (no retries).
-HUB_PROBE_TIMEOUT = 3.0
+HUB_PROBE_TIMEOUT = 1.0
 
 
 def _offline() -> bool:
@@ -113,7 +113,8 @@ def _offline() -> bool:
 def _from_hub(repo: str, arch: str | None) -> CheckpointFiles:
     """The local Hugging Face cache first (no network at all); then, unless offline, one short probe of the Hub (no
     retry loop: an unreachable Hub fails in seconds with the download hint) before downloading."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    import httpx
+    from huggingface_hub import hf_hub_download, hf_hub_url, try_to_load_from_cache
 
     cached = [try_to_load_from_cache(repo, name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
     if all(isinstance(c, str) for c in cached):
@@ -124,9 +125,11 @@ def _from_hub(repo: str, arch: str | None) -> CheckpointFiles:
                 f"the weights of {repo} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
                 + _HOW_TO_GET.format(repo=repo)
             )
-        try:
-            get_hf_file_metadata(hf_hub_url(repo, CONFIG_FILE), timeout=HUB_PROBE_TIMEOUT, retry_on_errors=False)
-        except Exception as e:  # unreachable, refused, DNS, 401/404: all mean "not downloadable from here, now"
+        try:  # one request with a hard deadline (huggingface_hub's own metadata call retries on timeouts)
+            probe = httpx.head(hf_hub_url(repo, CONFIG_FILE), timeout=HUB_PROBE_TIMEOUT, follow_redirects=False)
+            if probe.status_code >= 500:  # the Hub (or a proxy) is down: a download would only retry
+                raise ConnectionError(f"the Hub answered HTTP {probe.status_code}")
+        except Exception as e:  # unreachable, refused, DNS, timed out: not downloadable from here, now
             raise ModelNotFound(
                 f"the weights of {repo} are not in the local Hugging Face cache and the Hub cannot be reached "
                 f"({type(e).__name__}: {str(e)[:160]}). " + _HOW_TO_GET.format(repo=repo)

@@ -267,6 +267,15 @@ def test_missing_default_model_fails_with_the_hint_without_a_retry_loop(tmp_path
         assert hub.connections == 1  # offline: the Hub is not even tried
     finally:
         hub.close()
+    silent = socket.socket()  # a Hub that accepts and never answers (a black-holed network): one bounded probe
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        p = run_cli("score", str(tmp_path / "x.png"), env=env)
+        assert p.returncode == 2 and "timed out" in p.stderr and "hf download Freepik/nsfw_image_detector" in p.stderr
+    finally:
+        silent.close()
 
 
 def test_bad_environment_values_name_the_variable_and_the_accepted_values(tmp_path: Path, checkpoint: Path):
