@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -76,6 +79,35 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LARGE_DECODE_NICENESS))
 
 
+#: Seconds of queue position a request gives up per image beyond its first (at most PRIORITY_MAX_DELAY): a one-image
+#: query goes ahead of multi-image requests that arrived shortly before it, and nothing waits behind newer work
+#: for longer than that.
+PRIORITY_DELAY_PER_IMAGE = 1.0
+PRIORITY_MAX_DELAY = 5.0
+
+
+class _JobQueue(queue.Queue[Any]):
+    """The inference queue, ordered by arrival time plus a small delay per extra image (bounded, so no request
+    starves); the stop sentinel after everything queued."""
+
+    def _init(self, maxsize: int) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+
+    def _qsize(self) -> int:
+        return len(self._heap)
+
+    def _put(self, item: Any) -> None:
+        if item is _STOP:
+            key = math.inf
+        else:
+            key = item.submitted + min(PRIORITY_MAX_DELAY, PRIORITY_DELAY_PER_IMAGE * max(0, len(item.items) - 1))
+        heapq.heappush(self._heap, (key, next(self._seq), item))
+
+    def _get(self) -> Any:
+        return heapq.heappop(self._heap)[2]
+
+
 class PreparePool:
     """Prepares uploads in threads, off the event loop and off the inference thread: `threads` for large images and
     one lane of their own for small ones (decode holding at most SMALL_PIXELS), so a small query never queues
@@ -125,7 +157,7 @@ class InferenceWorker:
         self.max_pixels = min(settings.max_pixels, settings.http_max_pixels)
         self.budget = PixelBudget(settings.decode_pixel_budget)
         self.pool = PreparePool(self._prepare, settings.decode_threads)
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
+        self.queue: queue.Queue[Any] = _JobQueue(maxsize=settings.queue_size)
         self.max_batch = settings.max_batch
         self.max_wait = settings.max_wait_ms / 1000.0
         self.batches = 0  # forward passes run (for tests and metrics)

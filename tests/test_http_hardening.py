@@ -445,3 +445,20 @@ def test_large_upload_decodes_run_at_a_lower_cpu_priority_than_small_ones() -> N
     finally:
         pool.shutdown()
     assert large > small
+
+
+def test_inference_queue_puts_a_one_image_query_ahead_of_recent_multi_image_requests_without_starving_them() -> None:
+    from api.worker import _STOP, PRIORITY_MAX_DELAY, _Job, _JobQueue
+
+    def job(images: int, submitted: float) -> _Job:
+        return _Job([None] * images, None, None, submitted)  # type: ignore[arg-type]
+
+    q = _JobQueue(maxsize=10)
+    big = job(2, submitted=100.0)
+    bigger = job(16, submitted=100.1)
+    small = job(1, submitted=100.5)  # arrives after both
+    old = job(16, submitted=100.5 - PRIORITY_MAX_DELAY - 1)  # waited longer than the bounded delay
+    for j in (big, bigger, _STOP, small, old):
+        q.put_nowait(j)
+    order = [q.get_nowait() for _ in range(5)]
+    assert order == [old, small, big, bigger, _STOP]

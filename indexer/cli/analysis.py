@@ -41,10 +41,10 @@ def score(inputs: tuple[str, ...], all_files: bool, as_json: bool, with_embeddin
       nsfw-index score a.jpg b.png ~/folder shard.tar --json
     Exit status 1 if any image failed (its line has `path` and `error`), 2 if nothing could run.
     """
+    settings = settings_from(**flags)
+    preflight_model(settings)  # a missing model fails before torch is even imported
     from indexer.files import score_inputs
 
-    settings = settings_from(**flags)
-    preflight_model(settings)
     failed = 0
     rows = []
     for path, result in score_inputs(inputs, settings, all_files=all_files):
@@ -118,13 +118,14 @@ def query(
       nsfw-index query upload.jpg --store ./store -k 5 --source human --json
     Exit status 1 if any image failed (its line has `path` and `error`).
     """
-    from indexer.files import query_inputs
     from search.query import Searcher
     from search.store import Store
 
     settings = settings_from(**flags, k=k, near_duplicate_threshold=threshold)
     store_dir = require_store(settings)
-    preflight_model(settings)
+    preflight_model(settings)  # a missing model fails before torch is even imported
+    from indexer.files import query_inputs
+
     failed = 0
     with Store(store_dir, readonly=True) as store:
         searcher = Searcher(store, settings)

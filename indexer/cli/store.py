@@ -83,14 +83,14 @@ def index(
     Exit status 0 when every input is indexed (or unchanged), 1 when some files are in error (they are recorded
     with the reason: `nsfw-index errors --store DIR`), 2 when nothing could be done (usage, model or store problem).
     """
+    settings = settings_from(**flags)
+    store_dir = require_store(settings)
+    preflight_model(settings)  # a missing model fails before torch is even imported
     from indexer.capture import capture_warnings
     from indexer.service import index_inputs
     from indexer.summary import Progress
     from search.store import Store
 
-    settings = settings_from(**flags)
-    store_dir = require_store(settings)
-    preflight_model(settings)
     with (
         capture_warnings() as captured,
         Store.writing(store_dir, "nsfw-index index", create=True) as store,
