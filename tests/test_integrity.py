@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import index_dir, photo, run_cli, save_family
+from stress.procs import alive, descendants
 
 
 def _fam(root: Path) -> Path:
@@ -244,37 +245,6 @@ def test_server_readiness_reports_damage_and_serves_the_rebuilt_index(
 
 
 # -- decoder workers die with the indexer ---------------------------------------------------------------------------
-def _children(pid: int) -> set[int]:
-    """Live descendants of `pid` (zombies count as gone)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parent[int(d.name)] = int(fields[1])
-    out: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {c for c, p in parent.items() if p in frontier} - out
-        out |= frontier
-    return out
-
-
-def _alive(pids: set[int]) -> set[int]:
-    out = set()
-    for p in pids:
-        try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.add(p)
-    return out
-
-
 def _paths_done(store_dir: Path) -> int:
     try:
         with sqlite3.connect(f"file:{store_dir / 'meta.sqlite'}?mode=ro", uri=True, timeout=1) as c:
@@ -312,7 +282,7 @@ def test_kill_9_of_the_indexer_leaves_no_decoder_process(tmp_path: Path, checkpo
     try:
         workers: set[int] = set()
         for _ in range(1200):  # until the workers exist and the store shows progress (mid-run, not start-up)
-            workers = _children(proc.pid)
+            workers = descendants(proc.pid)
             if len(workers) >= 2 and _paths_done(store_dir) > 0:
                 break
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
@@ -322,12 +292,12 @@ def test_kill_9_of_the_indexer_leaves_no_decoder_process(tmp_path: Path, checkpo
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         for _ in range(100):  # bounded wait: the watchdog polls every 0.5 s, PDEATHSIG is immediate
-            if not _alive(workers):
+            if not alive(workers):
                 break
             time.sleep(0.1)
-        assert _alive(workers) == set(), f"decoder processes outlived the indexer: {_alive(workers)}"
+        assert alive(workers) == set(), f"decoder processes outlived the indexer: {alive(workers)}"
     finally:
         if proc.poll() is None:
             proc.kill()
-        for p in _alive(_children(proc.pid)):
+        for p in alive(descendants(proc.pid)):
             os.kill(p, signal.SIGKILL)
