@@ -64,33 +64,6 @@ def require_same_model(store: Store, identity: ModelIdentity) -> None:
         identity.require_same_as(stored.stored(), f"the store at {store.root}")
 
 
-def query_files(
-    paths: Iterable[Path],
-    searcher: Searcher,
-    settings: Settings,
-    extractor: Extractor | None = None,
-    *,
-    k: int | None = None,
-    sources: Sequence[str] | None = None,
-    min_similarity: float | None = None,
-    threshold: float | None = None,
-) -> Iterator[tuple[Path, QueryAnswer | InvalidImage]]:
-    """Yield (path, answer) in input order: scores, nearest known-unsafe, near-duplicates and PDQ matches of each file
-    against the searcher's store; a file that cannot be read or decoded yields its InvalidImage instead.
-
-    The model is checked against the store's before any file is read (ModelMismatch)."""
-    ex = extractor or Extractor.from_settings(settings)
-    require_same_model(searcher.store, ex.identity)
-    for path, a in analyze_files(ex, paths, settings):
-        if isinstance(a, InvalidImage):
-            yield path, a
-        else:
-            yield (
-                path,
-                query_answer(a, searcher, k=k, sources=sources, min_similarity=min_similarity, threshold=threshold),
-            )
-
-
 def query_inputs(
     inputs: Iterable[str | Path],
     searcher: Searcher,
@@ -103,7 +76,9 @@ def query_inputs(
     min_similarity: float | None = None,
     threshold: float | None = None,
 ) -> Iterator[tuple[str, QueryAnswer | InvalidImage]]:
-    """`query`: (key, answer) of every item the inputs name, as `query_files` answers a file."""
+    """`query`: (key, answer) of every item the inputs name, in walk order: scores, nearest known-unsafe,
+    near-duplicates and PDQ matches against the searcher's store; an item that cannot be read or decoded yields its
+    InvalidImage instead. The model is checked against the store's before any file is read (ModelMismatch)."""
     ex = extractor or Extractor.from_settings(settings)
     require_same_model(searcher.store, ex.identity)
     for key, a in analyze_items(ex, read_inputs(inputs, settings, all_files=all_files), settings):
