@@ -1,11 +1,14 @@
-"""multipart/form-data parsed in memory with python-multipart's streaming parser: uploads never touch the disk."""
+"""Request bodies read in memory: multipart/form-data with python-multipart's streaming parser, and JSON bodies."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from api.errors import ApiError
@@ -87,6 +90,28 @@ class _Collector:
     def on_part_end(self) -> None:
         self.form.parts.append(Part(self._name, self._filename, bytes(self._data)))
         self._data = bytearray()
+
+
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower case ('' when none)."""
+    content_type, _ = parse_options_header(request.headers.get("content-type"))
+    return content_type.decode("latin-1").lower()
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON (already capped by BodySizeLimit); 422 for a body that is not UTF-8 JSON."""
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the body ended before it was complete") from None
+
+    def parse() -> Any:
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ApiError(422, "invalid_request", f"the body is not valid JSON text (UTF-8): {e}") from None
+
+    return await run_in_threadpool(parse)
 
 
 async def read_form(request: Request, *, max_parts: int = MAX_PARTS) -> Form:

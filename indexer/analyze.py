@@ -56,6 +56,7 @@ class Analysis:
             pdq_quality=p.pdq_quality,
         )
         record.thumbnail = p.thumbnail  # made only when the store keeps thumbnails
+        record.pdq_dihedral = p.pdq_dihedral
         return record
 
 
@@ -147,6 +148,7 @@ def query_answer(
         a.result.embedding,
         pdq=a.pdq,
         quality=a.pdq_quality,
+        pdq_dihedral=a.prepared.pdq_dihedral,
         k=k,
         sources=sources,
         min_similarity=min_similarity,
@@ -168,4 +170,5 @@ def query_answer(
         pdq=found.pdq,
         indexed_id=indexed_id,
         exact_duplicates=exact,
+        probes=found.probes,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 # What a directory walk picks up; files named explicitly are always tried (and fail clearly if not images).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
+    | {".avif", ".heic", ".heif", ".hif"}
 )
 TAR_EXTENSIONS = (".tar",)
 TAR_SEP = "::"  # key of a tar member: /abs/shard.tar::member/name.jpg

@@ -11,12 +11,18 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from indexer import bmff
 from search.errors import InvalidImage
 
+# HEIC/HEIF through pillow-heif (AVIF is Pillow's own). Registered on import, so in every decoder process too; no
+# thumbnails, depth or auxiliary images: only the primary image is ever decoded.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
 #: Pillow format names we decode. MPO is how Pillow names a JPEG that carries extra (multi-picture) frames.
-ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF"})
 
 #: The fixed colour that transparent areas are composited on, so that one image always gives one RGB result.
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -63,7 +69,7 @@ _BOMB_PIXELS = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An accepted image, decoded: RGB, EXIF orientation applied, first frame only."""
+    """An accepted image, decoded: RGB, EXIF orientation applied, first frame only (a HEIF's primary image)."""
 
     image: Image.Image  # mode "RGB"; downscaled when decode_image was given `min_side` (see `reduced`)
     width: int  # of the full-size image, after the EXIF transpose
@@ -147,13 +153,14 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error" if escalate else "ignore", Image.DecompressionBombWarning)
-            img = _open(data, name)
+            img = _open(data, name, max_pixels)
             with img:
                 fmt = img.format or fmt
                 if fmt not in ALLOWED_FORMATS:  # cannot happen with formats= restricted; kept as the contract
                     raise InvalidImage(name, _not_accepted(fmt), kind="unsupported_format")
                 _check_pixels(img.size, name, max_pixels)
-                img.seek(0)  # first frame of an animation / first page of a multi-page TIFF
+                if fmt != "HEIF":  # a HEIF opens on its primary image (what viewers show), which may not be the first
+                    img.seek(0)  # first frame of an animation / first page of a multi-page TIFF
                 _check_pixels(img.size, name, max_pixels)
                 full = img.size
                 factor = reduce_factor(full, min_side)
@@ -252,12 +259,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _open(data: bytes, name: str) -> ImageFile.ImageFile:
+def _open(data: bytes, name: str, max_pixels: int) -> ImageFile.ImageFile:
     """Parse the header with the allowlisted plugins only; say what the data is when none of them takes it."""
     try:
         return Image.open(io.BytesIO(data), formats=_OPENERS)
     except UnidentifiedImageError as exc:
         known = _sniff(data)
+        declared = bmff.declared_size(data) if known in ("AVIF", "HEIF") else None
+        if declared is not None:  # libavif refuses sizes past its own limits while parsing: too large, not corrupt
+            _check_pixels(declared, name, max_pixels)
         if known is not None:
             raise InvalidImage(name, f"truncated or corrupt {known} data (Pillow cannot parse its header)") from exc
         other = _identify_any(data)
@@ -270,7 +280,7 @@ def _open(data: bytes, name: str) -> ImageFile.ImageFile:
 
 def _sniff(data: bytes) -> str | None:
     """The accepted format whose signature `data` starts with, if any."""
-    return next((fmt for fmt, signature in _SIGNATURES if signature.match(data)), None)
+    return next((fmt for fmt, signature in _SIGNATURES if signature.match(data)), None) or bmff.brand_format(data)
 
 
 def _identify_any(data: bytes) -> str | None:

@@ -14,7 +14,7 @@ from PIL import Image
 from indexer.decode import decode_image
 from indexer.thumbnails import make_thumbnail
 from search.errors import InvalidImage
-from search.pdq import compute_pdq
+from search.pdq import compute_pdq_dihedral
 from search.store.rows import Thumbnail
 
 #: The model's eval transform: an RGB Pillow image to a (3, H, W) tensor (timm `create_transform`).
@@ -51,6 +51,7 @@ class Prepared:
     tensor: np.ndarray  # (3, H, W) float32: the model's input
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step: decode, sha256, pdq, transform
     thumbnail: Thumbnail | None = None  # only when asked for (a store created with `index --thumbnails`)
+    pdq_dihedral: tuple[str, ...] | None = None  # the 7 other dihedral PDQ hashes (search.pdq.DIHEDRAL[1:] order)
 
     @property
     def seconds(self) -> float:
@@ -67,7 +68,8 @@ def prepare_image(
     sha256: str | None = None,
     thumbnail: bool = False,
 ) -> Prepared:
-    """Decode untrusted bytes safely, hash them (sha256, PDQ) and apply the model's transform; or raise InvalidImage.
+    """Decode untrusted bytes safely, hash them (sha256, PDQ with its 8 dihedral hashes) and apply the model's
+    transform; or raise InvalidImage.
 
     The image is decoded at the size PDQ and the model need (`decode_side`): a large one at reduced size (both sides
     >= that side), its full-size pixels never all held (JPEG) or dropped right after loading; the decoded pixels go
@@ -80,10 +82,12 @@ def prepare_image(
     t1 = time.perf_counter()
     sha = sha256 or hashlib.sha256(data).hexdigest()
     t2 = time.perf_counter()
-    try:
-        pdq, quality = compute_pdq(decoded.image)
+    dihedral: tuple[str, ...] | None
+    try:  # the 8 dihedral hashes in one pass (the original is exactly compute_pdq's): mirrored, rotated copies match
+        hashes, quality = compute_pdq_dihedral(decoded.image)
+        pdq, dihedral = hashes[0], hashes[1:]
     except Exception:  # PDQ is an extra: an image it cannot hash is still analysed
-        pdq, quality = None, None
+        pdq, quality, dihedral = None, None, None
     t3 = time.perf_counter()
     tensor = np.ascontiguousarray(np.asarray(transform(decoded.image), dtype=np.float32))
     t4 = time.perf_counter()
@@ -99,6 +103,7 @@ def prepare_image(
         format=decoded.format,
         pdq=pdq,
         pdq_quality=quality,
+        pdq_dihedral=dihedral,
         tensor=tensor,
         timings={"decode": t1 - t0, "sha256": t2 - t1, "pdq": t3 - t2, "transform": t4 - t3}
         | ({"thumbnail": t5 - t4} if thumbnail else {}),

@@ -7,31 +7,51 @@ import builtins
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from search.answer_base import (
+    PATHS_DESCRIPTION,
+    PROBES_DESCRIPTION,
+    Answer,
+    LabelName,
+    Level,
+    Source,
+    _absent,
+)
+from search.bank_answers import (
+    BadLine,
+    ClassScores,
+    HashListDeleted,
+    HashListDetail,
+    HashListEvent,
+    HashListImport,
+    HashListSummary,
+    ProbeInfo,
+    ProbeMetrics,
+    ProbeScores,
+    ProbeTraining,
+)
 from search.settings import LEVELS
 
-Level = Literal["neutral", "low", "medium", "high"]
-Source = Literal["human", "hash_list", "model"]
-LabelName = Literal["unsafe", "safe", "clear"]
-
-#: `paths` fields are omitted (not null, not []) when the caller may not see paths: an empty list would claim that
-#: the image has no paths.
-PATHS_DESCRIPTION = "Stored paths of this content; present only for API keys with the read_paths right."
-
-
-def _absent(value: Any) -> bool:
-    """`exclude_if` predicate: a field left as None is left out of the JSON (hidden paths, optional fields)."""
-    return value is None
-
-
-class Answer(BaseModel):
-    """Base of every answer: `to_json()` is the one JSON form (CLI `--json` and HTTP bodies alike)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+__all__ = [  # the bank answers live in search/bank_answers.py; importers keep one place to import answers from
+    "PATHS_DESCRIPTION",
+    "PROBES_DESCRIPTION",
+    "Answer",
+    "BadLine",
+    "ClassScores",
+    "HashListDeleted",
+    "HashListDetail",
+    "HashListEvent",
+    "HashListImport",
+    "HashListSummary",
+    "LabelName",
+    "Level",
+    "ProbeInfo",
+    "ProbeMetrics",
+    "ProbeScores",
+    "ProbeTraining",
+    "Source",
+]
 
 
 class Levels(Answer):
@@ -80,11 +100,23 @@ class NearDuplicate(Answer):
     similarity: float
 
 
+#: PDQ's dihedral transforms (search.pdq.DIHEDRAL, the order pdqhash returns them), Pillow's names: rot90 is a turn
+#: of 90 degrees counter-clockwise, flipH mirrors left-right, flipV top-bottom.
+PdqTransform = Literal["original", "rot90", "rot180", "rot270", "flipV", "flipH", "transpose", "transverse"]
+
+
 class PdqMatch(Answer):
     source: Literal["hash_list", "human"]
     distance: int
+    transform: PdqTransform = Field(
+        "original",
+        description="Which of the image's dihedral PDQ hashes matched: the image transformed so (rot90: turned 90 "
+        "degrees counter-clockwise; flipH: mirrored left-right) matches. `original`: its own hash.",
+    )
     list: str | None = Field(None, exclude_if=_absent, description="Hash list name (source hash_list).")
+    entry: int | None = Field(None, exclude_if=_absent, description="The list entry's id (source hash_list).")
     hash: str | None = Field(None, exclude_if=_absent, description="The matching list entry (source hash_list).")
+    note: str | None = Field(None, exclude_if=_absent, description="The entry's note, if its list gave one.")
     id: int | None = Field(None, exclude_if=_absent, description="The human-labelled image (source human).")
 
 
@@ -103,6 +135,7 @@ class SearchAnswer(Answer):
     nearest_unsafe: list[UnsafeNeighbour]
     near_duplicates: list[NearDuplicate]
     pdq: Pdq
+    probes: dict[str, dict[str, float]] = Field(default_factory=dict, description=PROBES_DESCRIPTION)
 
 
 class ExactDuplicates(Answer):
@@ -125,6 +158,16 @@ class QueryAnswer(Answer):
         description="Only when this content is indexed (the answer then leaves the image itself out): the stored "
         "paths of this content, as GET /v1/images/{id}/neighbours lists them.",
     )
+    probes: dict[str, dict[str, float]] = Field(default_factory=dict, description=PROBES_DESCRIPTION)
+
+
+class EmbeddingAnswer(Answer):
+    """The answer for a query embedding (`{"embedding": [...]}`, `query --embedding FILE.npy`): no image and no model
+    run, so no `nsfw`, `sha256` or `pdq`; the vector is L2-normalised first. A stored image's own vector finds
+    that image (similarity 1): nothing is left out."""
+
+    nearest_unsafe: list[UnsafeNeighbour]
+    near_duplicates: list[NearDuplicate]
 
 
 class LabelEvent(Answer):
@@ -165,6 +208,7 @@ class NeighboursAnswer(Answer):
     hash_list_override: HashListOverride | None = Field(
         None, description="The human override of this image's hash-list matches, if its current label is one."
     )
+    probes: dict[str, dict[str, float]] = Field(default_factory=dict, description=PROBES_DESCRIPTION)
 
 
 class ImageRow(Answer):
@@ -196,6 +240,22 @@ class ImageDetail(ImageRow):
     )
     path_count: int
     paths: list[str] | None = Field(None, exclude_if=_absent, description=PATHS_DESCRIPTION)
+    probes: dict[str, dict[str, float]] = Field(default_factory=dict, description=PROBES_DESCRIPTION)
+    external_id: str | None = Field(None, description="The caller's own id for this image (`POST /v1/images`).")
+
+
+class Forgotten(Answer):
+    """An image removed from the store (`nsfw-index forget`, `DELETE /v1/images/{id}`): row, paths, vector,
+    thumbnails, cluster memberships and hash-list matches. Its label events stay (keyed by content)."""
+
+    id: int
+    sha256: str
+    external_id: str | None
+    paths: int = Field(description="Stored paths removed with it.")
+    label_events_kept: int = Field(description="Label events of this content, kept in the append-only log.")
+    who: str
+    at: str
+    run_id: int = Field(description="The run of kind `forget` that records the removal (the audit trail).")
 
 
 class LabelResult(Answer):
@@ -208,22 +268,6 @@ class LabelResult(Answer):
     who: str
     at: str
     override_hash_lists: bool = False
-
-
-class BadLine(Answer):
-    line: int
-    text: str
-    reason: str
-
-
-class HashListImport(Answer):
-    list: str
-    list_id: int
-    hashes: int = Field(description="Entries the list holds now.")
-    imported: int = Field(description="Valid hashes in this upload.")
-    bad_lines: builtins.list[BadLine] = Field(description="Lines that hold no valid PDQ hash.")
-    matched_images: int = Field(description="Indexed images within the configured PDQ distance of the list.")
-    unsafe_index_updated: bool
 
 
 class ClusterSummary(Answer):
@@ -312,6 +356,11 @@ class Stats(Answer):
     indexes: dict[str, Any]
     recall_at_10: float | None
     runs: builtins.list[dict[str, Any]]
+    vectors_by_backend: builtins.list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Stored images per backend, dtype and runtime that produced their vectors (null: before runs "
+        "recorded it). One weights file's vectors stay comparable across backends within the documented drift.",
+    )
     known_unsafe_rule: dict[str, Any]
     clusters: ClusteringSummary | None
 

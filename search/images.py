@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from search.answers import ImageDetail
 from search.policy import is_nsfw
+from search.probes import probes_for_ids
 from search.settings import Settings
 from search.store import Store
 
@@ -25,4 +26,6 @@ def image_detail(store: Store, image_id: int, settings: Settings) -> ImageDetail
         hash_list_override=store.hash_list_overrides(settings, [image_id]).get(image_id),
         path_count=len(paths),
         paths=paths,
+        external_id=store.external_ids([image_id]).get(image_id),
+        probes=probes_for_ids(store, [image_id])[image_id],
     )

@@ -1,14 +1,15 @@
-"""Human labels (an append-only event log) and imported PDQ hash lists: the inputs of known-unsafe."""
+"""Human labels (an append-only event log) and PDQ hash lists as banks (import, list, show, export, delete)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import getpass
+import io
 import os
 from collections.abc import Iterable, Sequence
 
-from search.answers import BadLine, HashListImport, LabelResult
+from search.answers import BadLine, HashListDeleted, HashListDetail, HashListImport, HashListSummary, LabelResult
 from search.errors import InvalidArgument, NotFound, StoreLocked
 from search.pdq import parse_hash_list
 from search.policy import LABELS
@@ -19,6 +20,8 @@ from search.vectors import IndexFiles
 # Matches are stored up to this distance so that raising --pdq-max-distance later needs no re-matching; what counts
 # as known-unsafe is filtered at the configured distance (default 31). Unrelated PDQ hashes sit near 128 bits apart.
 STORED_MATCH_DISTANCE = 64
+#: The longest hash list name.
+MAX_LIST_NAME = 200
 
 
 def stored_match_distance(settings: Settings) -> int:
@@ -132,6 +135,20 @@ def label_images(
     ]
 
 
+def check_list_name(name: str) -> str:
+    """A new hash list's name, stripped; InvalidArgument when it is empty, too long, or holds `/` or control
+    characters (the name is a path segment of `/v1/hash-lists/{name}`)."""
+    name = name.strip()
+    if not name:
+        raise InvalidArgument("a hash list needs a --name")
+    if len(name) > MAX_LIST_NAME or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument(
+            f"hash list name {name[:80]!r}: use 1 to {MAX_LIST_NAME} characters without `/` or control characters "
+            "(it names the list in `/v1/hash-lists/{name}`)"
+        )
+    return name
+
+
 def import_hash_list(
     store: Store,
     lines: Iterable[str] | str,
@@ -140,12 +157,13 @@ def import_hash_list(
     *,
     replace: bool = False,
     source: str | None = None,
+    who: str | None = None,
 ) -> HashListImport:
     """Import a PDQ hash list (its text, or its lines) under `name` and match every indexed image against it
-    (Hamming <= the configured distance). `source` is what the store records as the list's origin (the CLI passes
-    the file's absolute path) and what messages about the input name."""
-    if not name.strip():
-        raise InvalidArgument("a hash list needs a --name")
+    (Hamming <= the configured distance, on any of the image's dihedral hashes). `source` is what the store records
+    as the list's origin (the CLI passes the file's absolute path) and what messages about the input name; `who`
+    (default: the login name) is recorded with the import."""
+    name = check_list_name(name)
     parsed = parse_hash_list(lines)
     list_id, total, matched = store.add_hash_list(
         name,
@@ -155,6 +173,8 @@ def import_hash_list(
         replace=replace,
         match_distance=stored_match_distance(settings),
         within=settings.pdq_max_distance,
+        who=who or default_who(),
+        notes=parsed.notes,
     )
     refreshed = _refresh_unsafe_file(store, settings) if store.model_identity() else False
     return HashListImport(
@@ -164,5 +184,67 @@ def import_hash_list(
         imported=len(parsed.hashes),
         bad_lines=[BadLine(line=n, text=t, reason=r) for n, t, r in parsed.bad_lines],
         matched_images=matched,
+        unsafe_index_updated=refreshed,
+    )
+
+
+# -- hash lists as banks: list, show, export, delete ----------------------------------------------------------------
+def list_hash_lists(store: Store, settings: Settings) -> list[HashListSummary]:
+    """Every imported list: size, latest import (when, by whom, from where), images it matches now (at the
+    configured distance, any dihedral transform)."""
+    return store.hash_list_summaries(settings.pdq_max_distance)
+
+
+def show_hash_list(store: Store, name: str, settings: Settings) -> HashListDetail:
+    """One list with its history (imports, replaces, deletes of that name); NotFound if there is no such list (saying
+    who deleted it when, if it was deleted)."""
+    try:
+        summary = store.hash_list_summaries(settings.pdq_max_distance, name)[0]
+    except NotFound as e:
+        events = store.hash_list_events(name)
+        if events and events[-1].action == "delete":
+            last = events[-1]
+            why = f" ({last.reason})" if last.reason else ""
+            raise NotFound(f"{e}; a list of that name was deleted by {last.who} at {last.at}{why}") from None
+        raise
+    return HashListDetail(
+        **summary.model_dump(),
+        max_distance=settings.pdq_max_distance,
+        images_without_dihedral=store.count_without_dihedral(),
+        events=store.hash_list_events(name),
+    )
+
+
+def export_hash_list(store: Store, name: str, *, csv_format: bool = False) -> str:
+    """The list as text that `import_hash_list` reads back: one lowercase hex PDQ hash per line (the plain format
+    ThreatExchange tools exchange), or with `csv_format` a CSV with `hash` and `note` columns."""
+    entries = store.hash_list_hashes(name)
+    if not csv_format:
+        return "".join(f"{h}\n" for h, _ in entries)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["hash", "note"])
+    writer.writerows([h, note or ""] for h, note in entries)
+    return buf.getvalue()
+
+
+def delete_hash_list(
+    store: Store, name: str, settings: Settings, *, who: str | None = None, reason: str | None = None
+) -> HashListDeleted:
+    """Delete a list with its entries and matches (`store` open writable), recording who did it, when and why in
+    the hash-list event log; label events are untouched. Images known-unsafe only through this list stop being so
+    (the known-unsafe FAISS file follows now, or at the next open when a writer is busy)."""
+    who = who or default_who()
+    matched = sorted(store.list_matched_images(name, settings.pdq_max_distance))
+    before = store.known_unsafe(settings, matched)
+    removed, event = store.delete_hash_list(name, who, reason)
+    after = store.known_unsafe(settings, matched)
+    refreshed = _refresh_unsafe_file(store, settings) if store.model_identity() else False
+    return HashListDeleted(
+        name=name,
+        entries_removed=removed,
+        images_unmatched=len(set(matched) - store.hash_listed(settings.pdq_max_distance, matched)),
+        no_longer_known_unsafe=[i for i in matched if before.get(i) and not after.get(i)],
+        event=event,
         unsafe_index_updated=refreshed,
     )

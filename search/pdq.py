@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -20,8 +21,27 @@ PDQ_BYTES = PDQ_BITS // 8
 PDQ_HEX_DIGITS = PDQ_BITS // 4
 #: ThreatExchange convention: two PDQ hashes match when their Hamming distance is <= 31.
 DEFAULT_MAX_DISTANCE = 31
+#: PDQ's 8 dihedral transforms, in the order `pdqhash.compute_dihedral` returns their hashes (checked against hashes
+#: of transposed photos in tests/test_hash_lists.py). Each names what is done to the image before hashing, in
+#: Pillow's terms (`Image.Transpose`): rot90 turns it 90 degrees counter-clockwise (ROTATE_90), rot270 90 degrees
+#: clockwise; flipV mirrors top-bottom (FLIP_TOP_BOTTOM: pdq's "FlipX"), flipH left-right (FLIP_LEFT_RIGHT: pdq's
+#: "FlipY"); transpose mirrors about the main diagonal, transverse about the other one.
+DIHEDRAL: tuple[str, ...] = ("original", "rot90", "rot180", "rot270", "flipV", "flipH", "transpose", "transverse")
+#: The bytes of the 7 non-original dihedral hashes stored per image (the original is the image's own PDQ hash).
+DIHEDRAL_BLOB_BYTES = (len(DIHEDRAL) - 1) * PDQ_BYTES
 
 _HEX_RE = re.compile(r"[0-9a-fA-F]+")
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # pdqhash wants an HxWx3 8-bit array; it converts to luma with numpy and then reads the luma buffer as C-ordered,
+    # so a Fortran-ordered input would silently produce a wrong hash: force a C-contiguous uint8 array.
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def _bits_hex(bits: Any) -> str:
+    return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex()
 
 
 def compute_pdq(image: Image.Image) -> tuple[str, int]:
@@ -31,13 +51,30 @@ def compute_pdq(image: Image.Image) -> tuple[str, int]:
     significant bit), 64 lowercase hex digits, exactly as python-threatexchange writes PDQ hashes. Quality is PDQ's
     0-100 score; ThreatExchange treats hashes below 50 as too featureless to match on.
     """
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    # pdqhash wants an HxWx3 8-bit array; it converts to luma with numpy and then reads the luma buffer as C-ordered,
-    # so a Fortran-ordered input would silently produce a wrong hash: force a C-contiguous uint8 array.
-    pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
-    bits, quality = pdqhash.compute(pixels)
-    packed = np.packbits(np.asarray(bits, dtype=np.uint8))
-    return packed.tobytes().hex(), int(quality)
+    bits, quality = pdqhash.compute(_pixels(image))
+    return _bits_hex(bits), int(quality)
+
+
+def compute_pdq_dihedral(image: Image.Image) -> tuple[tuple[str, ...], int]:
+    """Return the PDQ hashes of the image's 8 dihedral transforms (in DIHEDRAL order, the first being exactly
+    `compute_pdq`'s hash) and the quality, from one pass: the downscale is shared, only the 16x16 DCT step is done
+    8 times. A mirrored or rotated copy of an image has (close to) one of these as its own PDQ hash."""
+    hashes, quality = pdqhash.compute_dihedral(_pixels(image))
+    return tuple(_bits_hex(bits) for bits in hashes), int(quality)
+
+
+def dihedral_blob(hexes: Sequence[str]) -> bytes:
+    """The stored form of an image's 7 non-original dihedral hashes (DIHEDRAL[1:] order): 224 bytes."""
+    if len(hexes) != len(DIHEDRAL) - 1:
+        raise ValueError(f"expected {len(DIHEDRAL) - 1} dihedral hashes, got {len(hexes)}")
+    return b"".join(hex_to_bytes(h) for h in hexes)
+
+
+def dihedral_from_blob(data: bytes) -> tuple[str, ...]:
+    """The 7 non-original dihedral hashes (hex, DIHEDRAL[1:] order) of a stored blob; ValueError if it is not one."""
+    if len(data) != DIHEDRAL_BLOB_BYTES:
+        raise ValueError(f"a dihedral blob holds {DIHEDRAL_BLOB_BYTES} bytes, got {len(data)}")
+    return tuple(data[i : i + PDQ_BYTES].hex() for i in range(0, len(data), PDQ_BYTES))
 
 
 def _check_hex(h: str) -> str:
@@ -77,6 +114,8 @@ class HashListParse:
     hashes: list[tuple[int, str]] = field(default_factory=list)
     #: (1-based line number, the line's text, why it was rejected)
     bad_lines: list[tuple[int, str, str]] = field(default_factory=list)
+    #: hash -> its note, from a CSV's `note` (or `comment`) column where the row gives one (first occurrence)
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _is_skipped(line: str) -> bool:
@@ -88,10 +127,20 @@ def _csv_fields(line: str) -> list[str]:
     return next(csv.reader([line]), [])
 
 
-def _hash_column(line: str) -> int | None:
-    """The index of the `hash` column if `line` is a CSV header that has one, else None."""
+#: CSV columns whose text is kept as the note of each entry (the first one a header has).
+NOTE_COLUMNS = ("note", "comment")
+#: Notes are cut to this many characters.
+MAX_NOTE = 500
+
+
+def _header_columns(line: str) -> tuple[int, int | None] | None:
+    """(index of the `hash` column, index of the note column or None) if `line` is a CSV header with a `hash`
+    column, else None."""
     names = [name.strip().lower() for name in _csv_fields(line)]
-    return names.index("hash") if "hash" in names else None
+    if "hash" not in names:
+        return None
+    note = next((names.index(c) for c in NOTE_COLUMNS if c in names), None)
+    return names.index("hash"), note
 
 
 def hash_list_lines(data: bytes, source: str) -> list[str]:
@@ -117,7 +166,7 @@ def read_hash_list_file(path: str | os.PathLike[str]) -> list[str]:
 
 def parse_hash_list(lines: Iterable[str] | str) -> HashListParse:
     """Parse a list of PDQ hashes (its text, or its lines): one hex hash per line, or a CSV whose header row has a
-    `hash` column.
+    `hash` column (and optionally a `note` or `comment` column, kept as each entry's note).
 
     Blank lines and lines starting with '#' are skipped. Lines that do not hold a valid hash are reported in
     ``bad_lines`` rather than raised; a hash repeated in the list is kept once (its first line).
@@ -128,16 +177,20 @@ def parse_hash_list(lines: Iterable[str] | str) -> HashListParse:
     result = HashListParse()
     seen: set[str] = set()
     column: int | None = None
+    note_column: int | None = None
     header_line = 0
     for number, line in enumerate(rows, start=1):
         if not _is_skipped(line):
-            column = _hash_column(line)
-            header_line = number if column is not None else 0
+            header = _header_columns(line)
+            if header is not None:
+                column, note_column = header
+                header_line = number
             break
 
     for number, line in enumerate(rows, start=1):
         if number == header_line or _is_skipped(line):
             continue
+        note = ""
         if column is None:
             candidate = line
         else:
@@ -150,6 +203,8 @@ def parse_hash_list(lines: Iterable[str] | str) -> HashListParse:
                 result.bad_lines.append((number, line, f"row has {len(fields)} column(s), no `hash` column"))
                 continue
             candidate = fields[column]
+            if note_column is not None and note_column < len(fields):
+                note = fields[note_column].strip()[:MAX_NOTE]
         try:
             h = normalize_hex(candidate)
         except ValueError as e:
@@ -158,6 +213,8 @@ def parse_hash_list(lines: Iterable[str] | str) -> HashListParse:
         if h not in seen:
             seen.add(h)
             result.hashes.append((number, h))
+            if note:
+                result.notes[h] = note
     return result
 
 
@@ -211,3 +268,25 @@ class HashMatcher:
             found.sort(key=lambda pair: (pair[1], pair[0]))
             out.append(found)
         return out
+
+
+def match_transforms(
+    matcher: HashMatcher, images: Sequence[Sequence[str]], max_distance: int = DEFAULT_MAX_DISTANCE
+) -> list[list[tuple[int, int, str]]]:
+    """Match each image's hashes against `matcher`: an image is given as its hashes in DIHEDRAL order (all 8, or its
+    original hash alone when no dihedral ones are known). For each image, (stored id, distance, transform) of every
+    stored hash within `max_distance` of any of them, the closest transform per id (the earlier in DIHEDRAL on a
+    tie, so `original` wins), sorted by distance then id."""
+    flat = [h for hashes in images for h in hashes]
+    found = matcher.match(flat, max_distance)
+    out: list[list[tuple[int, int, str]]] = []
+    at = 0
+    for hashes in images:
+        best: dict[int, tuple[int, int]] = {}  # id -> (distance, transform index)
+        for t in range(len(hashes)):
+            for stored_id, distance in found[at + t]:
+                if stored_id not in best or (distance, t) < best[stored_id]:
+                    best[stored_id] = (distance, t)
+        at += len(hashes)
+        out.append(sorted(((i, d, DIHEDRAL[t]) for i, (d, t) in best.items()), key=lambda m: (m[1], m[0])))
+    return out

@@ -458,7 +458,7 @@ def test_text_file_named_jpg(tmp_path: Path) -> None:
 def test_format_not_allowlisted(tmp_path: Path, fmt: str, suffix: str) -> None:
     assert fmt not in ALLOWED_FORMATS
     path = save(tmp_path, f"icon.{suffix}", Image.new("RGB", (16, 16), RED), fmt)
-    refused(path, "unsupported_format", f"format '{fmt}' is not accepted", "accepted: BMP, GIF, JPEG")
+    refused(path, "unsupported_format", f"format '{fmt}' is not accepted", "accepted: AVIF, BMP, GIF, HEIF, JPEG")
 
 
 def test_directory_refused(tmp_path: Path) -> None:

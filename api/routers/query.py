@@ -1,18 +1,26 @@
-"""Query routes: `POST /v1/query` (uploads through the model) and `GET /v1/images/{id}/neighbours` (no model run)."""
+"""Query routes: `POST /v1/query` (multipart uploads or a JSON form through the model, or an embedding) and
+`GET /v1/images/{id}/neighbours` (no model run)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api import schemas
 from api.deps import ImageId, K, MinSimilarity, Reader, ServiceDep, Sources, Threshold
 from api.errors import ApiError, error_code, http_status
 from api.routers.common import BINARY, SearchOptions, errors, ms, multipart, query_timings
-from api.uploads import MULTIPART_HINT, read_form
+from api.state import Service
+from api.uploads import MULTIPART_HINT, media_type, read_form, read_json
+from api.worker import BatchInfo
 from indexer.analyze import Analysis, query_answer
+from indexer.query_forms import QUERY_FORM_SCHEMA, QueryForm, embedding_answer, form_images
+from search.answers import EmbeddingAnswer
 from search.errors import InvalidImage, NotFound
 from search.query import Searcher
 
@@ -20,7 +28,7 @@ router = APIRouter()
 
 QUERY_BODY = multipart(
     {
-        "file": {**BINARY, "description": "One image (JPEG, PNG, WebP, GIF, BMP or TIFF)."},
+        "file": {**BINARY, "description": "One image (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF or HEIC/HEIF)."},
         "files": {
             "type": "array",
             "items": BINARY,
@@ -33,6 +41,12 @@ QUERY_BODY = multipart(
 # type violations a fuzzer derives from anyOf branches
 _QUERY_SCHEMA = QUERY_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
 _QUERY_SCHEMA.update(minProperties=1, additionalProperties=False)
+# or a JSON body: exactly one of image_base64, embedding, url (indexer.query_forms), plus optional search options
+QUERY_BODY["requestBody"]["content"]["application/json"] = {"schema": QUERY_FORM_SCHEMA}
+QUERY_HINT = (
+    "send multipart/form-data (field `file`, or `files`) or application/json with one of `image_base64`, "
+    "`embedding`, `url`"
+)
 
 
 def failure(e: InvalidImage, filename: str | None) -> schemas.QueryFailure:
@@ -57,6 +71,44 @@ def answer(
     return schemas.QueryResult.of(ans, filename)
 
 
+def embedding_result(ans: EmbeddingAnswer, show_paths: bool) -> schemas.EmbeddingResult:
+    """An embedding query's answer; without the read_paths right its neighbours' paths are left out."""
+    if not show_paths:
+        for n in ans.nearest_unsafe:
+            n.paths = None
+    return schemas.EmbeddingResult.model_validate(ans.model_dump())
+
+
+def parse_form(payload: object) -> QueryForm:
+    """A JSON query body as QueryForm; 422 (with the validation details) for anything else."""
+    try:
+        return QueryForm.model_validate(payload)
+    except ValidationError as e:
+        errs = [{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errs) from None
+
+
+def merged_options(
+    form: QueryForm,
+    k: int | None,
+    source: Sequence[str] | None,
+    min_similarity: float | None,
+    threshold: float | None,
+) -> SearchOptions:
+    """The search options from the query parameters and the JSON body (each given at most once: 422 if both)."""
+    params = {"k": k, "source": source or None, "min_similarity": min_similarity, "threshold": threshold}
+    twice = [name for name, value in params.items() if value is not None and getattr(form, name) is not None]
+    if twice:
+        both = ", ".join(twice)
+        raise ApiError(422, "invalid_request", f"{both} given as query parameter and in the JSON body: give it once")
+    return SearchOptions.of(
+        k if k is not None else form.k,
+        source or form.source,
+        min_similarity if min_similarity is not None else form.min_similarity,
+        threshold if threshold is not None else form.threshold,
+    )
+
+
 @router.post(
     "/v1/query",
     response_model=schemas.QueryResponse,
@@ -73,13 +125,30 @@ async def query(
     min_similarity: MinSimilarity = None,
     threshold: Threshold = None,
 ) -> schemas.QueryResponse:
-    """Score uploaded images and find their nearest known-unsafe images, near-duplicates and PDQ matches.
+    """Score images and find their nearest known-unsafe images, near-duplicates and PDQ matches.
 
-    Multipart field `file` (one image) or `files` (several). Per image, the fields `nsfw-index query --json`
-    prints. When every image fails the answer is that image's error (400 corrupt, 413 too large, 415 not an
-    accepted format); otherwise failed images are listed with their error among the results.
+    multipart/form-data: field `file` (one image) or `files` (several). application/json: exactly one of
+    `image_base64` (a base64 string or a list of them), `embedding` (a vector of the store model's dimension: no
+    model run, the answer holds `nearest_unsafe` and `near_duplicates` only) or `url` (fetched only when the server
+    enables url queries, from allowlisted hosts); the search options may also be body keys (each given once).
+    Per image, the fields `nsfw-index query --json` prints. When every image fails the answer is that image's
+    error (400 corrupt, 413 too large, 415 not an accepted format); otherwise failed images are listed with their
+    error among the results.
     """
     t0 = time.perf_counter()
+    show = caller.can("read_paths")
+    kind = media_type(request)
+    if kind == "application/json":
+        body = parse_form(await read_json(request))
+        options = merged_options(body, k, source, min_similarity, threshold)
+        if body.embedding is not None:
+            return await _embedding_query(body, svc, options, show, t0)
+        svc.query_searcher()  # 503 before fetching or decoding when the store belongs to another model
+        svc.worker.check_capacity()  # and when the queue is full
+        items = await run_in_threadpool(form_images, body, svc.settings)
+        return await _image_query(items, [None] * len(items), svc, options, show, t0)
+    if kind != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", f"expected multipart/form-data or application/json: {QUERY_HINT}")
     svc.query_searcher()  # 503 before reading the body when the store belongs to another model
     svc.worker.check_capacity()  # and when the queue is full
     form = await read_form(request)
@@ -91,18 +160,42 @@ async def query(
         raise ApiError(422, "invalid_request", f"unknown multipart part(s) {others}: {MULTIPART_HINT}")
     if any(u.filename is None for u in uploads):  # a text field where the schema has a file (binary) part
         raise ApiError(422, "invalid_request", f"`file`/`files` must be file parts (with a filename): {MULTIPART_HINT}")
-    analyses, info = await svc.worker.analyze([(u.filename or u.name, u.data) for u in uploads])
+    return await _image_query(
+        [(u.filename or u.name, u.data) for u in uploads],
+        [u.filename for u in uploads],
+        svc,
+        SearchOptions.of(k, source, min_similarity, threshold),
+        show,
+        t0,
+    )
+
+
+async def _image_query(
+    items: list[tuple[str, bytes] | InvalidImage],
+    filenames: list[str | None],
+    svc: Service,
+    options: SearchOptions,
+    show: bool,
+    t0: float,
+) -> schemas.QueryResponse:
+    """Images (name, bytes; one refused before decoding is its InvalidImage) through the worker: the same pool,
+    caps and pixel budget for every form; then the answers, in order."""
+    good = [it for it in items if not isinstance(it, InvalidImage)]
+    done: list[Analysis | InvalidImage] = []
+    info = BatchInfo(queue_ms=0.0, inference_ms=0.0, batch_images=0)
+    if good:
+        done, info = await svc.worker.analyze(good)
+    results_of_good = iter(done)
+    analyses = [it if isinstance(it, InvalidImage) else next(results_of_good) for it in items]
     failures = [a for a in analyses if isinstance(a, InvalidImage)]
     if len(failures) == len(analyses):
         raise failures[0]
     searcher = svc.query_searcher()
-    options = SearchOptions.of(k, source, min_similarity, threshold)
-    show = caller.can("read_paths")
 
-    def answer_all() -> list[schemas.QueryResult | schemas.QueryFailure]:
+    def answer_all() -> list[schemas.QueryResult | schemas.QueryFailure | schemas.EmbeddingResult]:
         return [
-            failure(a, u.filename) if isinstance(a, InvalidImage) else answer(a, searcher, u.filename, show, options)
-            for a, u in zip(analyses, uploads, strict=True)
+            failure(a, name) if isinstance(a, InvalidImage) else answer(a, searcher, name, show, options)
+            for a, name in zip(analyses, filenames, strict=True)
         ]
 
     ts = time.perf_counter()
@@ -112,6 +205,22 @@ async def query(
         model=svc.model_info,
         index=svc.index_summary(),
         timings=query_timings(info, time.perf_counter() - ts, t0),
+    )
+
+
+async def _embedding_query(
+    body: QueryForm, svc: Service, options: SearchOptions, show: bool, t0: float
+) -> schemas.QueryResponse:
+    """An embedding against the stored vectors: no model run, so the loaded model may differ from the store's."""
+    searcher = svc.query_searcher(require_model=False)
+    dim = svc.identity.embedding_dim
+    ts = time.perf_counter()
+    ans = await run_in_threadpool(lambda: embedding_answer(body.embedding, searcher, dim, **options.kwargs()))
+    return schemas.QueryResponse(
+        results=[embedding_result(ans, show)],
+        model=svc.store_model_info(),
+        index=svc.index_summary(),
+        timings=query_timings(BatchInfo(queue_ms=0.0, inference_ms=0.0, batch_images=0), time.perf_counter() - ts, t0),
     )
 
 

@@ -96,6 +96,7 @@ def label(
 @store_option
 @click.option("--name", required=True, help="Name of the hash list (importing again adds to it).")
 @click.option("--replace", is_flag=True, help="Replace the list of that name instead of adding to it.")
+@click.option("--who", default=None, help="Who imports (recorded with the list; default: the login name).")
 @click.option(
     "--pdq-max-distance",
     type=click.IntRange(0, 256),
@@ -105,9 +106,17 @@ def label(
 @json_option()
 @handle_errors
 def import_hashes(
-    file: str, store: Path | None, name: str, replace: bool, pdq_max_distance: int | None, as_json: bool
+    file: str,
+    store: Path | None,
+    name: str,
+    replace: bool,
+    who: str | None,
+    pdq_max_distance: int | None,
+    as_json: bool,
 ) -> None:
-    """Import a PDQ hash list (one hex hash a line, or CSV with a `hash` column) and match the store against it.
+    """Import a PDQ hash list (one hex hash a line, or CSV with a `hash` column and optionally a `note` column) and
+    match the store against it: every image's PDQ hash and its 8 dihedral hashes (rotations, mirrors). Manage the
+    lists with `nsfw-index hash-lists`.
 
     \b
     Example:
@@ -121,7 +130,9 @@ def import_hashes(
     lines = read_hash_list_file(file)
     # writable, without the writer lock (as labels); a list may come before any image, so the store may be created
     with Store(require_store(settings), create=True) as handle:
-        out = import_hash_list(handle, lines, name, settings, replace=replace, source=str(Path(file).resolve()))
+        out = import_hash_list(
+            handle, lines, name, settings, replace=replace, source=str(Path(file).resolve()), who=who
+        )
     if as_json:
         emit(out.to_json())
     else:

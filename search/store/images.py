@@ -1,4 +1,4 @@
-"""The image tables' SQL (images, paths, errors): writing batches, pruning, reading rows, paths and vectors."""
+"""The image tables' SQL (images, paths, errors): batches, prune, forgetting one image, external ids, rows, vectors."""
 
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ class ImageTables(HashListTables):
 
         Returns sha256 -> id for every sha the batch touched. Idempotent: an image whose sha is already stored is
         not written again. A path that now holds other content is re-pointed; successful paths lose their error; a
-        path that fails now no longer points at its old content. New images are matched against every imported PDQ
-        hash list (up to `match_distance`) read inside the same transaction: a crash never leaves an image without
-        its matches, and a list imported while an index run goes on is never missed (the import matches what was
-        committed before it, this matches what the import committed).
+        path that fails now no longer points at its old content. New images keep their dihedral PDQ hashes, and each
+        of those is matched against every imported PDQ hash list (up to `match_distance`) read inside the same
+        transaction: a crash never leaves an image without its matches, and a list imported while an index run goes
+        on is never missed (the import matches what was committed before it, this matches what the import
+        committed).
         """
         now = utcnow()
         with self.transaction() as conn:
@@ -81,13 +82,10 @@ class ImageTables(HashListTables):
                     raise NotFound(f"internal: path {path} points at sha256 {sha} that is not stored")
                 conn.execute(_UPSERT_PATH, [path, ids[sha], size, mtime_ns, run_id, now])
                 conn.execute("DELETE FROM errors WHERE path = ?", [path])
-            matcher = self._hash_list_matcher(conn) if any(r.pdq for r in images) else None
-            if matcher is not None:
-                new = [r for r in images if r.pdq]
-                found = matcher.match([str(r.pdq) for r in new], match_distance)
-                self._insert_matches(
-                    [(ids[r.sha256], hid, dist) for r, hits in zip(new, found, strict=True) for hid, dist in hits]
-                )
+            # their dihedral PDQ hashes, and matches of any of them against every imported list
+            self._add_new_images(
+                conn, [(ids[r.sha256], r.pdq, r.pdq_dihedral) for r in images if r.pdq], match_distance
+            )
             for path, reason, kind, size, mtime_ns in errors:
                 conn.execute("DELETE FROM paths WHERE path = ?", [path])
                 conn.execute(
@@ -140,6 +138,73 @@ class ImageTables(HashListTables):
             conn.execute("DELETE FROM paths")
             conn.execute("DELETE FROM errors")
             return self._drop_orphans(conn)
+
+    # -- external ids (a caller's own id for an image: at most one each way) --
+    def external_ids(self, ids: Sequence[int]) -> dict[int, str | None]:
+        """Every given id that is stored -> its external id (None: it has none)."""
+        out: dict[int, str | None] = {}
+        for chunk in chunks([int(i) for i in ids]):
+            q = f"SELECT id, external_id FROM images WHERE id IN ({marks(chunk)})"
+            out.update({int(r[0]): r[1] for r in self.db.execute(q, chunk)})
+        return out
+
+    def image_by_external_id(self, external_id: str) -> int | None:
+        row = self.db.execute("SELECT id FROM images WHERE external_id = ?", [external_id]).fetchone()
+        return int(row[0]) if row else None
+
+    def set_external_id(self, image_id: int, external_id: str) -> int | None:
+        """Give image `image_id` the external id, unless it has another one or another image holds this one.
+        Returns None when done (or already so), else the id of the image that holds `external_id` (possibly
+        `image_id` itself with another one: compare `external_ids`). NotFound for an unknown image."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT external_id FROM images WHERE id = ?", [image_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no image with id {image_id} in the store at {self.root}")
+            if row[0] == external_id:
+                return None
+            holder = conn.execute("SELECT id FROM images WHERE external_id = ?", [external_id]).fetchone()
+            if holder is not None:
+                return int(holder[0])
+            if row[0] is not None:
+                return image_id
+            conn.execute("UPDATE images SET external_id = ? WHERE id = ?", [external_id, image_id])
+        return None
+
+    # -- forgetting one image (the audit record is a run of kind 'forget') --
+    def forget_image(self, image_id: int, *, who: str) -> dict[str, Any]:
+        """Remove one image in one transaction: its paths, cluster memberships, hash-list matches, the row (its
+        thumbnails go with it: a trigger) and so its vector (the deletion epoch moves: FAISS files are stale until
+        rewritten). Label events stay (keyed by content). The removal is recorded as a run of kind `forget` (id,
+        sha256, external id, who) in the same transaction. Returns that record with the counts."""
+        now = utcnow()
+        with self.transaction() as conn:
+            row = conn.execute("SELECT sha256, external_id FROM images WHERE id = ?", [image_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no image with id {image_id} in the store at {self.root}")
+            sha256, external_id = str(row[0]), row[1]
+            paths = conn.execute("DELETE FROM paths WHERE image_id = ?", [image_id]).rowcount
+            conn.execute("DELETE FROM cluster_members WHERE image_id = ?", [image_id])
+            self._drop_orphans(conn, {image_id})
+            labels = int(conn.execute("SELECT COUNT(*) FROM labels WHERE sha256 = ?", [sha256]).fetchone()[0])
+            args = {"id": image_id, "sha256": sha256, "external_id": external_id, "who": who}
+            counts = {"images": 1, "paths": paths, "label_events_kept": labels}
+            cur = conn.execute(
+                "INSERT INTO runs (kind, started_at, finished_at, status, args, counts, timings)"
+                " VALUES ('forget', ?, ?, 'done', ?, ?, '{}')",
+                [now, now, json.dumps(args), json.dumps(counts)],
+            )
+        return {**args, **counts, "run_id": int(cur.lastrowid or 0), "at": now}
+
+    def forgotten(self, key: str, value: int | str) -> dict[str, Any] | None:
+        """The latest `forget` run that removed the image whose `key` (id, sha256 or external_id) was `value`."""
+        if key not in ("id", "sha256", "external_id"):
+            raise ValueError(key)
+        row = self.db.execute(
+            f"SELECT id, args, finished_at FROM runs WHERE kind = 'forget' AND json_extract(args, '$.{key}') = ?"
+            " ORDER BY id DESC LIMIT 1",
+            [value],
+        ).fetchone()
+        return {**json.loads(row[1]), "run_id": int(row[0]), "at": row[2]} if row else None
 
     # -- paths --
     def path_state(self, path: str) -> tuple[int, int, int] | None:

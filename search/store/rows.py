@@ -49,6 +49,7 @@ class ImageRecord:
     pdq: str | None = None
     pdq_quality: int | None = None
     thumbnail: Thumbnail | None = None  # only in a store created with `index --thumbnails`
+    pdq_dihedral: tuple[str, ...] | None = None  # the 7 other dihedral PDQ hashes (search.pdq.DIHEDRAL[1:] order)
 
 
 def blob(v: np.ndarray) -> bytes:
