@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 
 from search.answers import (
+    EmbeddingAnswer,
     ExactDuplicates,
     NearDuplicate,
     NeighboursAnswer,
@@ -24,11 +25,12 @@ from search.answers import (
     UnsafeNeighbour,
 )
 from search.errors import IndexMismatch, InvalidArgument
-from search.pdq import HashMatcher
+from search.pdq import HashMatcher, match_transforms
 from search.policy import SOURCES, is_nsfw
+from search.probes import probes_for_vector
 from search.settings import Settings
 from search.store import Store
-from search.vectors import IndexFiles, Snapshot, set_search_params
+from search.vectors import IndexFiles, Snapshot, search_one, set_search_params
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class Searcher:
         self._unsafe_map: dict[int, list[str]] = {}
         self._token: tuple[Any, ...] | None = None
         self._lists: HashMatcher | None = None
-        self._list_rows: dict[int, tuple[str, str]] = {}
+        self._list_rows: dict[int, tuple[str, str, str | None]] = {}
         self._labelled: HashMatcher | None = None
         self.loaded_at = 0.0
         self.refresh()
@@ -122,7 +124,7 @@ class Searcher:
         self._lists = HashMatcher() if rows else None
         if self._lists is not None:
             self._lists.add([r[0] for r in rows], [r[1] for r in rows])
-        self._list_rows = {r[0]: (r[1], r[2]) for r in rows}
+        self._list_rows = {r[0]: (r[1], r[2], r[3]) for r in rows}
         human = [i for i, s in self._unsafe_map.items() if "human" in s]
         hashed = [(i, r.pdq.hash) for i, r in self.store.images(human).items() if r.pdq.hash]
         self._labelled = HashMatcher() if hashed else None
@@ -191,9 +193,9 @@ class Searcher:
                     return []
                 sel = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
                 params = faiss.SearchParameters(sel=sel)  # type: ignore[call-arg,unused-ignore]  # SWIG stubs
-                sims, ids = self._unsafe.index.search(q, min(k, len(allowed)), params=params)
+                sims, ids = search_one(self._unsafe.index, q, min(k, len(allowed)), params)
             else:  # no selector to build per query: a few extra results cover the excluded ids
-                sims, ids = self._unsafe.index.search(q, min(k + len(skip), int(self._unsafe.index.ntotal)))
+                sims, ids = search_one(self._unsafe.index, q, min(k + len(skip), int(self._unsafe.index.ntotal)))
             hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0 and i not in skip]
             hits = bounded(hits)[:k]
             if min_similarity is not None:
@@ -227,34 +229,38 @@ class Searcher:
             if self._all is None or self._all.index.ntotal == 0:
                 return []
             q = _as_query(vec)
-            hits: list[tuple[int, float]]
-            try:
-                lims, sims, ids = self._all.index.range_search(q, float(np.nextafter(np.float32(t), -np.inf)))
-                hits = [
-                    (int(i), float(s)) for i, s in zip(ids[lims[0] : lims[1]], sims[lims[0] : lims[1]], strict=True)
-                ]
-            except RuntimeError:  # approximate indexes without range search: top-k, then the threshold
-                kk = min(self._all.index.ntotal, limit + len(exclude))
-                sims, ids = self._all.index.search(q, kk)
-                hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
+            # top (limit + excluded), then the threshold: the same answer as a range search cut at `limit`, without
+            # materialising every vector above a low threshold (a range search at 0.5 over 1M images returns ~all)
+            kk = min(self._all.index.ntotal, limit + len(exclude))
+            sims, ids = self._all.search(q, kk)  # a lossy index's candidates re-ranked exactly
+            hits = [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
             skip = set(exclude)
             hits = sorted(((i, s) for i, s in bounded(hits) if s >= t and i not in skip), key=lambda h: (-h[1], h[0]))
             return [NearDuplicate(id=i, similarity=s) for i, s in hits[:limit]]
 
-    def pdq_matches(self, pdq_hash: str | None, max_distance: int | None = None) -> list[PdqMatch]:
-        """Imported hash-list entries and human-labelled unsafe images within the PDQ distance."""
+    def pdq_matches(
+        self, pdq_hash: str | None, max_distance: int | None = None, *, dihedral: Sequence[str] | None = None
+    ) -> list[PdqMatch]:
+        """Imported hash-list entries and human-labelled unsafe images within the PDQ distance of the hash or of one
+        of its `dihedral` hashes (the 7 others, search.pdq.DIHEDRAL[1:] order; None: the hash alone), each with the
+        transform that matched (the closest one per entry or image)."""
         if not pdq_hash:
             return []
         d = self.settings.pdq_max_distance if max_distance is None else max_distance
+        hashes = [[pdq_hash, *(dihedral or ())]]
         out: list[PdqMatch] = []
         with self._lock:
             if self._lists is not None:
-                for hid, dist in self._lists.match([pdq_hash], d)[0]:
-                    h, name = self._list_rows[hid]
-                    out.append(PdqMatch(source="hash_list", list=name, hash=h, distance=dist))
+                for hid, dist, t in match_transforms(self._lists, hashes, d)[0]:
+                    h, name, note = self._list_rows[hid]
+                    out.append(
+                        PdqMatch(
+                            source="hash_list", list=name, entry=hid, hash=h, note=note, distance=dist, transform=t
+                        )
+                    )
             if self._labelled is not None:
-                for image_id, dist in self._labelled.match([pdq_hash], d)[0]:
-                    out.append(PdqMatch(source="human", id=image_id, distance=dist))
+                for image_id, dist, t in match_transforms(self._labelled, hashes, d)[0]:
+                    out.append(PdqMatch(source="human", id=image_id, distance=dist, transform=t))
         return sorted(out, key=lambda m: m.distance)
 
     def answer(
@@ -263,6 +269,7 @@ class Searcher:
         *,
         pdq: str | None,
         quality: int | None,
+        pdq_dihedral: Sequence[str] | None = None,
         k: int | None = None,
         sources: Sequence[str] | None = None,
         min_similarity: float | None = None,
@@ -275,7 +282,30 @@ class Searcher:
                 embedding, k, sources=sources, min_similarity=min_similarity, exclude=exclude
             ),
             near_duplicates=self.near_duplicates(embedding, threshold, exclude=exclude),
-            pdq=Pdq(hash=pdq, quality=quality, matches=self.pdq_matches(pdq)),
+            pdq=Pdq(hash=pdq, quality=quality, matches=self.pdq_matches(pdq, dihedral=pdq_dihedral)),
+            probes=self.probes(embedding),
+        )
+
+    def probes(self, embedding: np.ndarray) -> dict[str, dict[str, float]]:
+        """The store's probes applied to one vector of its model (search.probes; {} when it has none)."""
+        with self._lock:
+            return probes_for_vector(self.store, embedding)
+
+    def embedding_answer(
+        self,
+        values: Any,
+        *,
+        k: int | None = None,
+        sources: Sequence[str] | None = None,
+        min_similarity: float | None = None,
+        threshold: float | None = None,
+    ) -> EmbeddingAnswer:
+        """The answer for a query vector, without the model: `as_embedding` checks it against the store's model
+        (InvalidArgument) and L2-normalises it; nothing is left out (a stored vector finds its own image)."""
+        vec = as_embedding(values, self.store.embedding_dim())
+        return EmbeddingAnswer(
+            nearest_unsafe=self.nearest_unsafe(vec, k, sources=sources, min_similarity=min_similarity),
+            near_duplicates=self.near_duplicates(vec, threshold),
         )
 
     def neighbours(
@@ -296,6 +326,7 @@ class Searcher:
                 vec,
                 pdq=row.pdq.hash,
                 quality=row.pdq.quality,
+                pdq_dihedral=self.store.dihedral_hashes([image_id]).get(image_id),
                 k=k,
                 sources=sources,
                 min_similarity=min_similarity,
@@ -319,6 +350,7 @@ class Searcher:
             near_duplicates=ans.near_duplicates,
             pdq=ans.pdq,
             hash_list_override=override,
+            probes=ans.probes,
         )
 
 
@@ -332,6 +364,28 @@ def bounded(hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
             continue
         out.append((i, min(1.0, max(-1.0, s))))
     return out
+
+
+def as_embedding(values: Any, dim: int) -> np.ndarray:
+    """A query embedding from a caller: exactly `dim` finite numbers, not all zero (InvalidArgument saying which
+    rule failed), L2-normalised (float32), as stored embeddings are."""
+    if isinstance(values, np.ndarray) and values.dtype.kind not in "fiu":
+        raise InvalidArgument(f"the embedding must hold numbers, not {values.dtype} values")
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"the embedding must be a list of {dim} numbers") from None
+    if v.ndim != 1 or v.shape[0] != dim:
+        what = f"{v.shape[0]} numbers" if v.ndim == 1 else f"an array of shape {list(v.shape)}"
+        raise InvalidArgument(f"the embedding must be one vector of {dim} numbers (the store's model), not {what}")
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        raise InvalidArgument(f"the embedding must be finite: element {int(bad[0])} is {v[bad[0]]}")
+    scale = float(np.abs(v).max())
+    if scale == 0.0:
+        raise InvalidArgument("the embedding is all zeros: it has no direction to compare")
+    v = v / scale  # no overflow in the norm of large values
+    return (v / np.linalg.norm(v)).astype(np.float32)
 
 
 def _as_query(vec: np.ndarray) -> np.ndarray:

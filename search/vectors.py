@@ -7,22 +7,31 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from search import ondisk
 from search.errors import IndexMismatch, IndexWriteFailed, InvalidArgument
 from search.settings import Settings
+from search.snapshot import Snapshot as Snapshot  # re-exported: the loaded index
+from search.snapshot import faiss_reason, refine_factor
+from search.snapshot import index_ids as index_ids
+from search.snapshot import make_index as make_index
+from search.snapshot import search_one as search_one
+from search.snapshot import set_search_params as set_search_params
 from search.store import Store
 
 log = logging.getLogger(__name__)
 
 METRIC = "inner_product"
 INDEX_NAMES = ("all", "unsafe")
+ON_DISK_KEY = "index_on_disk"  # store info: the index over all images keeps its inverted lists on disk
+LEFTOVERS = (".faiss", ".ivfdata", ".tmp")  # older generations, and temp files of killed writers
 
 
 def _fsync_dir(d: Path) -> None:
@@ -34,7 +43,7 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Temp file in the same directory, fsync, rename, fsync the directory."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -50,52 +59,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def make_index(factory: str, dim: int) -> faiss.Index:
-    """An index over `dim`-d unit vectors, inner product, with SQLite ids (IDMap2 unless the factory takes ids)."""
-    try:
-        base = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise InvalidArgument(f"FAISS cannot build index factory {factory!r}: {str(e).splitlines()[-1]}") from None
-    return faiss.IndexIDMap2(base)
-
-
-def set_search_params(index: faiss.Index, settings: Settings) -> None:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    if settings.nprobe is not None and hasattr(inner, "nprobe"):
-        inner.nprobe = settings.nprobe
-    elif hasattr(inner, "nprobe") and inner.nprobe == 1:
-        inner.nprobe = 16  # the faiss default of 1 gives poor recall
-    if hasattr(inner, "hnsw"):
-        inner.hnsw.efSearch = settings.ef_search or max(64, inner.hnsw.efSearch)
-
-
-def index_ids(index: faiss.Index) -> np.ndarray:
-    return faiss.vector_to_array(index.id_map).astype(np.int64) if index.ntotal else np.zeros(0, np.int64)  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
-
-
-@dataclass
-class Snapshot:
-    """One loaded FAISS index and the manifest describing it."""
-
-    name: str
-    index: faiss.Index
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def generation(self) -> int:
-        return int(self.manifest.get("generation", 0))
-
-
 class IndexFiles:
-    """The derived FAISS files of a store: `<name>.<generation>.faiss` + `<name>.manifest.json`."""
+    """The derived FAISS files of a store: `<name>.<generation>.faiss` + `<name>.manifest.json`, and for an on-disk
+    index `<name>.<generation>.ivfdata` (its inverted lists)."""
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
@@ -117,31 +83,45 @@ class IndexFiles:
     def expected(self, name: str) -> dict[str, Any]:
         """What a manifest must say to be served for this store (beyond generation, watermark and count)."""
         ident = self.store.model_identity()
-        exp: dict[str, Any] = {
+        return {
             "name": name,
             "model_weights_sha256": ident.weights_sha256 if ident else None,
             "dim": ident.embedding_dim if ident else None,
             "metric": METRIC,
             "factory": self.factory_for(name),
+            "on_disk": self.on_disk_for(name),
             "deletion_epoch": self.store.deletion_epoch(),
         }
-        return exp
+
+    def stale_keys(self, name: str, m: dict[str, Any]) -> list[str]:
+        """What makes a manifest unservable for this store now (a manifest older than `on_disk` is in memory)."""
+        return [k for k, v in self.expected(name).items() if m.get(k, False if k == "on_disk" else None) != v]
 
     def factory_for(self, name: str) -> str:
         if name == "all":
             return str(self.store.get_info("index_factory", "Flat"))
         return "Flat"  # the known-unsafe subset is small and changes often: exact, and removals are cheap
 
-    def check_file(self, name: str, m: dict[str, Any]) -> tuple[faiss.Index | None, str | None]:
-        """Load the file a manifest names, checking its sha256 first: (index, None), or (None, what is wrong)."""
+    def on_disk_for(self, name: str) -> bool:
+        return name == "all" and bool(self.store.get_info(ON_DISK_KEY, False))
+
+    def check_file(self, name: str, m: dict[str, Any], *, full: bool = False) -> tuple[faiss.Index | None, str | None]:
+        """Load the file(s) a manifest names, checking their sha256 first: (index, None), or (None, what is wrong).
+        An on-disk index comes back with its lists memory-mapped; `full`: its .ivfdata is hashed whole even when large
+        (otherwise by size and sampled blocks above ondisk.FULL_CHECK_BYTES)."""
         path = self.dir / str(m.get("file", ""))
         want = m.get("sha256")
         if not want:
             return None, f"index {name}: the manifest names no sha256 of {path.name} (older version): cannot trust it"
+        on_disk = bool(m.get("on_disk"))
         try:
             before = path.stat()
-            got = file_sha256(path)
-            index = faiss.read_index(str(path))
+            if on_disk:  # small (quantizer and list offsets): read once, hashed and parsed from the same bytes
+                data = path.read_bytes()
+                got = hashlib.sha256(data).hexdigest()
+            else:
+                got = ondisk.full_digest(path)
+                index = faiss.read_index(str(path))
             after = path.stat()
         except (RuntimeError, OSError) as e:
             return None, f"index {name}: {path.name} is unreadable ({str(e).splitlines()[0] if str(e) else e!r})"
@@ -152,7 +132,17 @@ class IndexFiles:
                 f"index {name}: {path.name} is damaged: sha256 {got[:16]}... != manifest {str(want)[:16]}... "
                 f"({before.st_size} bytes, manifest says {m.get('size')})"
             )
-        if index.ntotal != m.get("count") or index.d != m.get("dim") or not isinstance(index, faiss.IndexIDMap2):
+        if on_disk:
+            lists = self.dir / str(m.get("ivfdata", ""))
+            problem = ondisk.check_ivfdata(lists, m, full=full)
+            if problem:
+                return None, f"index {name}: {problem}"
+            try:
+                index = ondisk.open_mapped(data, lists)
+            except RuntimeError as e:
+                return None, f"index {name}: {lists.name} cannot be mapped ({str(e).splitlines()[-1]})"
+        kind_ok = ondisk.on_disk_lists(index) is not None if on_disk else isinstance(index, faiss.IndexIDMap2)
+        if index.ntotal != m.get("count") or index.d != m.get("dim") or not kind_ok:
             return None, f"index {name}: {path.name} disagrees with its manifest (count, dim or id map)"
         return index, None
 
@@ -162,10 +152,9 @@ class IndexFiles:
         m = self.read_manifest(name)
         if m is None:
             return None
-        exp = self.expected(name)
-        diffs = {k: (m.get(k), v) for k, v in exp.items() if m.get(k) != v}
-        if diffs:
-            log.info("index %s is stale (%s): rebuilding", name, diffs)
+        stale = self.stale_keys(name, m)
+        if stale:
+            log.info("index %s is stale (%s): rebuilding", name, stale)
             return None
         index, problem = self.check_file(name, m)
         if index is None:
@@ -173,49 +162,85 @@ class IndexFiles:
             self.problems[name] = str(problem)
             return None
         self.problems.pop(name, None)
-        return Snapshot(name, index, m)
+        return self._refined(Snapshot(name, index, m, base=index if m.get("on_disk") else None), m.get("factory"))
+
+    def _refined(self, snap: Snapshot, factory: object) -> Snapshot:
+        """A lossy index over all images re-ranks its candidates with the exact vectors of SQLite."""
+        factor = refine_factor(str(factory or "Flat"))
+        if snap.name == "all" and factor > 1:
+            snap.refine = (factor, self.store.vectors)
+        return snap
 
     def disk_generation(self, name: str) -> int:
         return int((self.read_manifest(name) or {}).get("generation", 0) or 0)
 
     def save(self, snap: Snapshot) -> None:
-        """Write the index under a new generation, then its manifest (the commit point), then drop old files.
-        A failed write (IndexWriteFailed) leaves the previous generation in place and no file at the new name."""
+        """Write the index under a new generation (an on-disk one: its .ivfdata moved into place first), then its
+        manifest (the commit point), then drop old files. A failed write (IndexWriteFailed) leaves the previous
+        generation in place and no file at the new names."""
+        if snap.on_disk and snap.pending is None:
+            raise InvalidArgument("internal: an on-disk index is written when it is built or merged, not in place")
         gen = max(snap.generation, self.disk_generation(snap.name)) + 1
         fname = f"{snap.name}.{gen:06d}.faiss"
-        data = faiss.serialize_index(snap.index).tobytes()
-        manifest = {
-            **self.expected(snap.name),
-            **{k: v for k, v in snap.manifest.items() if k in ("watermark", "members_hash")},
-            "generation": gen,
-            "file": fname,
-            "count": int(snap.index.ntotal),
-            "size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
+        lname = f"{snap.name}.{gen:06d}.ivfdata"
+        extra: dict[str, Any] = {}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if snap.pending is not None:
+                lists = ondisk.on_disk_lists(snap.index)
+                assert lists is not None
+                lists.filename = lname  # what the .faiss records: the file beside it
+                extra = {
+                    "ivfdata": lname,
+                    "ivfdata_size": snap.pending.stat().st_size,
+                    "ivfdata_sha256": ondisk.full_digest(snap.pending),
+                    "ivfdata_sample_sha256": ondisk.sample_digest(snap.pending),
+                }
+                os.chmod(snap.pending, 0o600)  # as the other files (mkstemp)
+                os.replace(snap.pending, self.dir / lname)
+                _fsync_dir(self.dir)
+            data = faiss.serialize_index(snap.index).data  # a view: written and hashed without a bytes copy
+            manifest = {
+                **self.expected(snap.name),
+                **{k: v for k, v in snap.manifest.items() if k in ("watermark", "members_hash")},
+                "generation": gen,
+                "file": fname,
+                "count": int(snap.index.ntotal),
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                **extra,
+            }
             atomic_write_bytes(self.dir / fname, data)
             atomic_write_bytes(self.manifest_path(snap.name), json.dumps(manifest, indent=1).encode())
         except OSError as e:
             with contextlib.suppress(OSError):
                 if (self.read_manifest(snap.name) or {}).get("file") != fname:
-                    (self.dir / fname).unlink()
+                    for p in (self.dir / fname, self.dir / lname, snap.pending):
+                        if p is not None and p.exists():
+                            p.unlink()
             raise IndexWriteFailed(
                 f"cannot write the FAISS index {fname} in {self.dir} ({e.strerror or e}); the previous index is "
                 "kept and SQLite holds everything: free some space, then run `nsfw-index rebuild`"
             ) from e
+        if snap.pending is not None:  # served from the files just written, mapped read-only
+            snap.index = snap.base = ondisk.open_mapped(data, self.dir / lname)
+            snap.delta, snap.pending = None, None
+            set_search_params(snap.index, self.settings)
         snap.manifest = manifest
         self.problems.pop(snap.name, None)
-        for old in [*self.dir.glob(f"{snap.name}.*.faiss"), *self.dir.glob(f".{snap.name}.*.tmp")]:
-            if old.name != fname:  # older generations, and temp files of killed writers (we hold the lock)
+        self._drop_old(snap.name, {fname, lname})
+
+    def _drop_old(self, name: str, keep: set[str]) -> None:
+        """Older generations, and temp files of killed writers (we hold the lock)."""
+        for old in self.dir.iterdir():
+            if old.name.startswith((f"{name}.", f".{name}.")) and old.suffix in LEFTOVERS and old.name not in keep:
                 with contextlib.suppress(OSError):
-                    old.unlink()
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def verify(self) -> list[str]:
         """Problems with the FAISS files on disk (empty when fine): unreadable manifests, files that are missing,
-        unreadable or fail their sha256, or disagree with their manifest. A missing or stale index is no problem
-        (it is rebuilt from SQLite on open)."""
+        unreadable or fail their sha256 (an .ivfdata hashed in full), or disagree with their manifest. A missing or
+        stale index is no problem (it is rebuilt from SQLite on open)."""
         out: list[str] = []
         for name in INDEX_NAMES:
             path = self.manifest_path(name)
@@ -225,41 +250,55 @@ class IndexFiles:
             if m is None:
                 out.append(f"index {name}: {path.name} is not a readable manifest")
                 continue
-            _, problem = self.check_file(name, m)
+            _, problem = self.check_file(name, m, full=True)
             if problem:
                 out.append(problem)
         return out
 
     # -- the index over all images --
-    def build_all(self) -> Snapshot:
-        factory = self.factory_for("all")
+    def build_all(self, *, factory: str | None = None, on_disk: bool | None = None, persist: bool = False) -> Snapshot:
+        """A new index over every stored vector (`factory`, `on_disk`: these instead of the store's). On disk, the
+        lists are written shard by shard: beside the store's files when `persist` (then `pending` until saved), else
+        into a private temp directory, mapped and deleted."""
+        factory = factory or self.factory_for("all")
+        on_disk = self.on_disk_for("all") if on_disk is None else on_disk
         dim = self.store.embedding_dim()
-        index = make_index(factory, dim)
+        index = make_index(factory, dim, wrap=not on_disk)
+        if on_disk:
+            ondisk.require_on_disk_capable(index, factory)
         watermark = self.store.max_image_id()
-        inner = faiss.downcast_index(index.index)  # type: ignore[attr-defined,arg-type,call-arg,unused-ignore]  # faiss's SWIG stubs
-        if not inner.is_trained:
-            train = self._training_sample(watermark)
+        if not index.is_trained:
+            train = ondisk.sample_vectors(self.store, watermark, ondisk.training_size(index, self.store.count_images()))
             if len(train) == 0:
                 raise InvalidArgument(f"index factory {factory!r} needs training vectors but the store is empty")
+            ondisk.skip_polysemous(index)
             try:
                 index.train(train)
             except RuntimeError as e:
                 raise InvalidArgument(
-                    f"training {factory!r} on {len(train)} vectors failed: {str(e).splitlines()[-1]}; "
-                    "use a smaller factory (fewer IVF lists) or Flat"
+                    f"training {factory!r} on {len(train)} vectors failed ({faiss_reason(e)}); "
+                    "use a smaller factory (fewer IVF lists than vectors, ideally 39+ vectors per list) or Flat"
                 ) from None
-        for ids, vecs in self.store.iter_vectors(0, watermark):
-            index.add_with_ids(vecs, ids)
-        return Snapshot("all", index, {"watermark": watermark})
+            del train
+        if not on_disk:
+            for ids, vecs in self.store.iter_vectors(0, watermark):
+                index.add_with_ids(vecs, ids)
+            return self._refined(Snapshot("all", index, {"watermark": watermark}), factory)
+        if self.store.count_images(watermark) == 0:
+            raise InvalidArgument("an on-disk index needs vectors, but the store is empty")
+        index, pending = ondisk.build_in(index, self.store.iter_vectors(0, watermark), self.dir if persist else None)
+        return self._refined(Snapshot("all", index, {"watermark": watermark}, base=index, pending=pending), factory)
 
-    def _training_sample(self, upto: int, max_n: int = 200_000) -> np.ndarray:
-        chunks = [v for _, v in self.store.iter_vectors(0, upto)]
-        if not chunks:
-            return np.zeros((0, self.store.embedding_dim()), np.float32)
-        x = np.concatenate(chunks)
-        if len(x) > max_n:
-            x = x[np.random.default_rng(0).choice(len(x), max_n, replace=False)]
-        return x
+    def merge_delta(self, snap: Snapshot) -> Snapshot:
+        """An on-disk snapshot whose lists hold the base's and the delta's, as a new .ivfdata (pending until saved)."""
+        assert snap.base is not None and snap.delta is not None
+        target = self.dir / f".all.{os.getpid()}.ivfdata.tmp"
+        try:
+            index = ondisk.merged_with(snap.base, snap.delta, target)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        return Snapshot("all", index, dict(snap.manifest), base=index, pending=target, refine=snap.refine)
 
     def catch_up_all(self, snap: Snapshot) -> int:
         """Add rows committed after the snapshot's watermark. Returns how many were added."""
@@ -272,7 +311,7 @@ class IndexFiles:
         added = 0
         top = self.store.max_image_id()
         for ids, vecs in self.store.iter_vectors(wm, top):
-            snap.index.add_with_ids(vecs, ids)
+            snap.add(vecs, ids)
             added += len(ids)
         snap.manifest["watermark"] = max(wm, top)
         return added
@@ -296,7 +335,9 @@ class IndexFiles:
         return snap, len(add), len(remove)
 
     def open_all(self, *, persist: bool) -> Snapshot:
-        """The index over all images, caught up with SQLite (rebuilt when stale or damaged). `persist`: write it."""
+        """The index over all images, caught up with SQLite (rebuilt when stale or damaged). `persist`: write it.
+        On disk, rows added since the build are searched in an in-memory delta; a writer merges the delta into a new
+        .ivfdata once it is large (ondisk.merge_due)."""
         snap = self.load("all")
         changed = False
         if snap is not None:
@@ -306,11 +347,17 @@ class IndexFiles:
                 log.warning("%s: rebuilding", e)
                 snap = None
         if snap is None:
-            snap = self.build_all()
+            snap = self.build_all(persist=persist)
             snap.manifest["generation"] = self.disk_generation("all")  # stands in for the file on disk
             changed = True
         set_search_params(snap.index, self.settings)
-        if persist and changed:
+        if persist and snap.on_disk:
+            assert snap.base is not None
+            if snap.pending is None and ondisk.merge_due(int(snap.base.ntotal), snap.delta_count):
+                snap = self.merge_delta(snap)
+            if snap.pending is not None:
+                self.save(snap)
+        elif persist and changed:
             self.save(snap)
         return snap
 
@@ -322,13 +369,11 @@ class IndexFiles:
             self.save(snap)
         return snap
 
-    def rebuild(self) -> dict[str, int]:
-        """Rebuild both files from SQLite (the caller holds the writer lock)."""
-        all_snap = self.build_all()
-        self.save(all_snap)
+    def rebuild_unsafe(self) -> int:
+        """Rebuild the known-unsafe file from SQLite (the caller holds the writer lock). Returns its count."""
         unsafe, _, _ = self.sync_unsafe(None, set(self.store.known_unsafe(self.settings)))
         self.save(unsafe)
-        return {"all": int(all_snap.index.ntotal), "unsafe": int(unsafe.index.ntotal)}
+        return int(unsafe.index.ntotal)
 
     def freshness(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -338,8 +383,7 @@ class IndexFiles:
             if m is None:
                 out[name] = {"exists": False}
                 continue
-            exp = self.expected(name)
-            stale = [k for k, v in exp.items() if m.get(k) != v]
+            stale = self.stale_keys(name, m)
             damaged = None if stale else self.check_file(name, m)[1]  # a stale file is rebuilt anyway
             if damaged:
                 stale.append("damaged")
@@ -348,6 +392,7 @@ class IndexFiles:
                 "generation": m.get("generation"),
                 "count": m.get("count"),
                 "factory": m.get("factory"),
+                "on_disk": bool(m.get("on_disk")),
                 "watermark": m.get("watermark"),
                 "behind_by": (self.store.count_images() - self.store.count_images(int(m.get("watermark", 0))))
                 if name == "all"
@@ -357,4 +402,6 @@ class IndexFiles:
                 "checksum": "missing" if not m.get("sha256") else ("mismatch" if damaged else "ok"),
                 "damaged": damaged,
             }
+            if m.get("on_disk"):
+                out[name]["ivfdata"] = {"file": m.get("ivfdata"), "bytes": m.get("ivfdata_size")}
         return out

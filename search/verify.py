@@ -1,4 +1,5 @@
-"""`verify`: a store's integrity — SQLite, the label chain, the FAISS files' checksums, FAISS ids against SQLite."""
+"""`verify`: a store's integrity — SQLite, the label chain, the FAISS files' checksums (an on-disk index's .ivfdata
+read whole), FAISS ids against SQLite."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def index_ids_match(store: Store, files: IndexFiles, settings: Settings) -> tupl
                 continue  # damage: reported by the checksum check
             notes.append(f"index {name}: stale (model, factory or deletions changed): rebuilt from SQLite on open")
             continue
+        if snap.on_disk:
+            m = snap.manifest
+            notes.append(f"index {name}: inverted lists on disk in {m.get('ivfdata')} ({m.get('ivfdata_size')} bytes)")
         got = index_ids(snap.index)
         uniq = np.unique(got)
         if len(uniq) != len(got):
