@@ -16,7 +16,11 @@ from search.answers import (
     ClusterMember,
     ClusterSummary,
     ExactDuplicates,
+    HashListDeleted,
+    HashListDetail,
+    HashListEvent,
     HashListOverride,
+    HashListSummary,
     LabelEvent,
     LabelName,
     Level,
@@ -38,12 +42,20 @@ __all__ = [
     "ClusterMember",
     "ClusterPage",
     "ClusterSummary",
+    "EmbeddingResult",
     "ErrorBody",
     "ErrorResponse",
     "ExactDuplicates",
+    "ForgetResponse",
+    "HashListDeleted",
+    "HashListDetail",
+    "HashListEvent",
     "HashListOverride",
     "HashListResponse",
+    "HashListSummary",
+    "HashListsResponse",
     "HealthResponse",
+    "ImageListResponse",
     "ImageResponse",
     "IndexInfo",
     "LabelEvent",
@@ -93,6 +105,10 @@ class ErrorResponse(Answer):
 class ModelInfo(Answer):
     architecture: str
     weights_sha256: str
+    backend: str | None = Field(
+        None, description="The runtime of this server's forward pass (torch, onnxruntime, openvino)."
+    )
+    dtype: str | None = Field(None, description="Its precision: fp32, bf16 or int8.")
 
 
 class QueryTimings(Answer):
@@ -142,8 +158,14 @@ class QueryFailure(Answer):
     error: ErrorBody
 
 
+class EmbeddingResult(answers.EmbeddingAnswer):
+    """The answer for a query embedding (JSON `{"embedding": [...]}`): no model run, no `nsfw`, no `pdq`."""
+
+
 class QueryResponse(Answer):
-    results: list[QueryResult | QueryFailure] = Field(description="One entry per uploaded image, in upload order.")
+    results: list[QueryResult | QueryFailure | EmbeddingResult] = Field(
+        description="One entry per image, in upload (or list) order; one EmbeddingResult for an embedding query."
+    )
     model: ModelInfo
     index: IndexInfo
     timings: QueryTimings
@@ -209,9 +231,20 @@ class LabelResponse(Answer):
 class AddResponse(Answer):
     id: int
     created: bool = Field(description="False when this exact content was already indexed.")
+    external_id: str | None = Field(None, description="The image's external id (the form field `external_id`).")
     result: QueryResult
     model: ModelInfo
     timings: QueryTimings
+
+
+class ImageListResponse(Answer):
+    """`GET /v1/images?external_id=X`: the images with that external id (at most one)."""
+
+    images: builtins.list[ImageResponse]
+
+
+class ForgetResponse(answers.Forgotten):
+    """`DELETE /v1/images/{id}`: what was removed; the label events stay (the audit trail outlives the image)."""
 
 
 # -- hash lists --------------------------------------------------------------------------------------------------------
@@ -227,6 +260,12 @@ class HashListResponse(answers.HashListImport):
         return cls.model_validate(
             {**imported.model_dump(), "bad_line_count": len(bad), "bad_lines": [b.model_dump() for b in shown]}
         )
+
+
+class HashListsResponse(Answer):
+    """`GET /v1/hash-lists`: every imported list, in import order."""
+
+    lists: builtins.list[HashListSummary]
 
 
 # -- clusters and stats ------------------------------------------------------------------------------------------------

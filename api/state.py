@@ -49,8 +49,12 @@ class Service:
         self.store_dir = Path(settings.store)
         self.extractor = extractor
         self.identity: ModelIdentity = extractor.identity
+        engine = extractor.describe()
         self.model_info = ModelInfo(
-            architecture=self.identity.architecture, weights_sha256=self.identity.weights_sha256
+            architecture=self.identity.architecture,
+            weights_sha256=self.identity.weights_sha256,
+            backend=engine["backend"],
+            dtype=engine["dtype"],
         )
         self.worker = InferenceWorker(extractor, settings)
         self.searcher: Searcher | None = None
@@ -162,7 +166,7 @@ class Service:
     def store_model_info(self) -> ModelInfo:
         """The model of the store's vectors (answers computed from them alone name it), else the loaded one."""
         ident = self.store_identity
-        if ident is None:
+        if ident is None or ident == self.identity:  # the server's own model: say which backend and dtype ran it
             return self.model_info
         return ModelInfo(architecture=ident.architecture, weights_sha256=ident.weights_sha256)
 

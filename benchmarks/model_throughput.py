@@ -47,7 +47,14 @@ def main() -> None:
             for dtype in ("fp32", "bf16"):
                 ex = Extractor(
                     load_model(model) if dtype == "bf16" else loaded,
-                    Settings(model=model, device=args.device, dtype=dtype, batch_size=bs, threads=args.threads),
+                    Settings(
+                        model=model,
+                        device=args.device,
+                        backend="torch",
+                        dtype=dtype,
+                        batch_size=bs,
+                        threads=args.threads,
+                    ),
                 )
                 if tensors is None:
                     tensors = torch.stack([ex.preprocess(photo(i, (640, 480))) for i in range(max(8, bs))])

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from indexer.hooks import PooledFeatureHook
-from indexer.model import LoadedModel, load_model
+from indexer.backends import Engine, build_engine
+from indexer.model import LoadedModel
 from indexer.prepare import Prepared
 from search.answers import Levels, Nsfw
 from search.errors import InvalidArgument
@@ -64,50 +64,61 @@ class ImageResult:
         return [float(x) for x in self.embedding]
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CUDA_BATCH_SIZE = 64
 
 
 class Extractor:
-    """Holds the model on its device. `run` is the one forward path: `run_prepared` (prepared images, what every caller
-    uses), `run_tensors` and `extract` (decoded RGB images) all batch into it."""
+    """Holds the chosen backend (`indexer.backends`: torch, onnxruntime or OpenVINO, fp32/bf16/int8). `run` is the one
+    forward path: `run_prepared` (prepared images, what every caller uses), `run_tensors` and `extract` (decoded RGB
+    images) all batch into it."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel | Engine | None,
+        settings: Settings | None = None,
+        *,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings or Settings()
-        if tuple(loaded.identity.label_names) != ("neutral", "low", "medium", "high"):
+        engine = loaded if isinstance(loaded, Engine) else build_engine(self.settings, loaded, say=say)
+        if tuple(engine.identity.label_names) != ("neutral", "low", "medium", "high"):
             raise InvalidArgument(
-                f"the model's labels are {list(loaded.identity.label_names)}; nsfw-index needs the 4 Freepik levels "
+                f"the model's labels are {list(engine.identity.label_names)}; nsfw-index needs the 4 Freepik levels "
                 "neutral, low, medium, high in that order"
             )
-        self.identity: ModelIdentity = loaded.identity
-        self.data_config = loaded.data_config
-        self.transform = loaded.transform()
-        device = self.settings.resolved_device()
-        if device == "cuda" and not torch.cuda.is_available():
-            raise InvalidArgument("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[self.settings.resolved_dtype()]
-        if self.settings.threads:
-            torch.set_num_threads(self.settings.threads)
-        self.model = loaded.model.to(self.device, self.dtype).eval()
+        self.engine = engine
+        self.backend = engine.backend
+        self.identity: ModelIdentity = engine.identity
+        self.data_config = engine.data_config
+        from timm.data import create_transform
+
+        self.transform = create_transform(**self.data_config, is_training=False)
+        self.device = engine.choice.device
+        self.dtype = engine.choice.dtype
+        # images per forward pass: --batch-size when given; else 64 on CUDA (bf16 keeps a GPU busy only at large
+        # batches) and the settings' default on the CPU (no gain from larger batches there: benchmarks/README.md)
+        given = "batch_size" in self.settings.model_fields_set
+        self.batch_size = self.settings.batch_size if given or self.device != "cuda" else CUDA_BATCH_SIZE
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Extractor:
-        return cls(load_model(settings.model, settings.arch), settings)
+    def from_settings(cls, settings: Settings, *, say: Callable[[str], None] | None = None) -> Extractor:
+        """Load the model on the backend and dtype `settings` choose (an export is built once, then cached)."""
+        return cls(None, settings, say=say)
+
+    def describe(self) -> dict[str, str]:
+        """backend, dtype, device and runtime: recorded with every run."""
+        return self.engine.describe()
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The model's own eval transform (timm `resolve_data_config` + `create_transform`)."""
         return self.transform(image)
 
-    @torch.inference_mode()
-    def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits and raw pooled features (before normalisation) of one preprocessed batch, in one pass."""
-        x = batch.to(self.device, self.dtype, non_blocking=True)
-        with PooledFeatureHook(self.model) as hook:
-            logits = self.model(x)
-            pooled = hook.pop()
-        return logits.float().cpu().numpy(), pooled.float().cpu().numpy()
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        return self.backend.forward(np.asarray(x, np.float32))
 
-    def run(self, batch: torch.Tensor) -> list[ImageResult]:
+    def run(self, batch: torch.Tensor | np.ndarray) -> list[ImageResult]:
         """Results for one preprocessed batch (N, 3, H, W)."""
         if batch.ndim != 4:
             raise InvalidArgument(f"expected a batch of shape (N, 3, H, W), got {tuple(batch.shape)}")
@@ -115,23 +126,23 @@ class Extractor:
         return results_from_outputs(logits, pooled, self.settings)
 
     def run_prepared(self, items: Sequence[Prepared]) -> list[ImageResult]:
-        """Results for prepared images (`indexer.prepare`), in order, batched by `settings.batch_size`."""
+        """Results for prepared images (`indexer.prepare`), in order, batched by `batch_size`."""
         out: list[ImageResult] = []
-        bs = self.settings.batch_size
+        bs = self.batch_size
         for i in range(0, len(items), bs):
-            out.extend(self.run(torch.from_numpy(np.stack([p.tensor for p in items[i : i + bs]]))))
+            out.extend(self.run(np.stack([p.tensor for p in items[i : i + bs]])))
         return out
 
     def run_tensors(self, tensors: Sequence[torch.Tensor]) -> list[ImageResult]:
-        """Results for preprocessed (3, H, W) tensors, batched by `settings.batch_size`."""
+        """Results for preprocessed (3, H, W) tensors, batched by `batch_size`."""
         out: list[ImageResult] = []
-        bs = self.settings.batch_size
+        bs = self.batch_size
         for i in range(0, len(tensors), bs):
             out.extend(self.run(torch.stack(list(tensors[i : i + bs]))))
         return out
 
     def extract(self, images: Sequence[Image.Image]) -> list[ImageResult]:
-        """Preprocess and run decoded RGB images in batches of `settings.batch_size`."""
+        """Preprocess and run decoded RGB images in batches of `batch_size`."""
         return self.run_tensors([self.preprocess(im) for im in images])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ class LoadedModel:
     model: torch.nn.Module
     identity: ModelIdentity
     data_config: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json (keys the export cache)
 
     def transform(self) -> Any:
         from timm.data import create_transform
@@ -233,4 +234,4 @@ def load_model(model: str = DEFAULT_MODEL, arch: str | None = None) -> LoadedMod
         label_names=_label_names(cfg, num_classes),
         source=files.source,
     )
-    return LoadedModel(net, identity, data_config)
+    return LoadedModel(net, identity, data_config, cfg)

@@ -75,7 +75,9 @@ class Indexer:
         if rebuild:
             self.store.forget_all_paths()
         self.store.check_model(self.ex.identity, adopt=rebuild)
-        self.summary.run_id = self.store.begin_run("index", args or {"inputs": list(inputs)})
+        self.summary.run_id = self.store.begin_run(
+            "index", args or {"inputs": list(inputs)}, engine=self.ex.describe()
+        )
         writer = RunWriter(
             self.store,
             self.summary.run_id,
@@ -102,6 +104,8 @@ class Indexer:
                         status, write_error = "failed", e
             self.summary.timings = {k: round(v, 4) for k, v in self.timer.totals.items()}
             self.summary.timings["total"] = round(time.perf_counter() - t_start, 4)
+            self.summary.startup["model_load"] = round(self.ex.engine.load_seconds, 4)
+            self.summary.engine = self.ex.describe()
             self.store.finish_run(self.summary.run_id, status, self.summary.counts(), self.summary.timings)
             log.info(
                 "index run %d %s: %s; stage seconds %s",
@@ -129,7 +133,7 @@ class Indexer:
         known = self.store.all_path_states()
         failed = {} if self.retry_errors else self.store.all_error_states()
         seen_keys: set[str] = set()
-        bs = self.settings.batch_size
+        bs = self.ex.batch_size
         window = bs * 3  # decodes in flight: the next batches decode while the model runs on this one
         tars = TarReader()
         bar = self.bar
@@ -138,6 +142,7 @@ class Indexer:
         workers = self.settings.resolved_workers()
         bar.stage(f"starting decoders ({workers} process{'es' if workers != 1 else ''}) ..." if workers else "...")
         pool = self._decoders()
+        self.summary.startup["decoders"] = round(pool.warm(), 4)
         bar.start(len(entries))
         try:
             for entry in entries:

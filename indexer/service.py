@@ -83,7 +83,7 @@ def add_image(
     record = analysis.record()
     if record.thumbnail is None and data is not None and store.thumbnails_enabled():
         record.thumbnail = thumbnail_of_bytes(analysis.name, data, settings)
-    run_id = store.begin_run(run_kind, {"sha256": analysis.sha256})
+    run_id = store.begin_run(run_kind, {"sha256": analysis.sha256}, engine=ex.describe())
     ids = store.write_batch(
         run_id,
         [record],

@@ -37,6 +37,10 @@ class RunSummary:
     pruned_paths: int = 0
     pruned_images: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # paid once per run, outside `timings`' stages: decoders (worker spawn + imports), model_load (weights, export
+    # or cached graph, compile; paid before the run when the extractor was loaded earlier)
+    startup: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, str] = field(default_factory=dict)  # backend, dtype, device, runtime (`Extractor.describe`)
     error_samples: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # library warnings captured during the run (`-v` shows them)
 
@@ -48,6 +52,14 @@ class RunSummary:
     def failed(self) -> int:
         """Inputs in error after this run: new failures and unchanged files that failed before."""
         return self.errors + self.unchanged_errors
+
+    @property
+    def model_share(self) -> float | None:
+        """The forward pass's share of the run's wall time once started: model seconds / (total - decoder start-up).
+        None when no image went through the model."""
+        model = self.timings.get("model", 0.0)
+        wall = self.timings.get("total", 0.0) - self.startup.get("decoders", 0.0)
+        return round(model / wall, 4) if model > 0 and wall > 0 else None
 
     def counts(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in COUNTS}

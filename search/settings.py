@@ -32,7 +32,10 @@ class Settings(BaseSettings):
 
     # inference
     device: Literal["cpu", "cuda"] | None = None  # None: cuda when available
-    dtype: Literal["fp32", "bf16"] | None = None  # None: fp32 on cpu, bf16 on cuda
+    # issue 11: the forward pass's runtime and precision (indexer/backends/); exports cached under cache_dir
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = "auto"
+    dtype: Literal["fp32", "bf16", "int8"] | None = None  # None: bf16 where the device has native bf16, else fp32
+    cache_dir: Path | None = None  # None: $XDG_CACHE_HOME/nsfw-index (~/.cache/nsfw-index)
     batch_size: int = Field(16, ge=1, le=4096)
     threads: int | None = Field(None, ge=1)
     workers: int | None = Field(None, ge=0)  # decode processes; None: cores - 1, at least 1; 0: in-process
@@ -74,6 +77,12 @@ class Settings(BaseSettings):
     body_total_seconds: float = Field(120.0, gt=0.0)  # a whole body read taking longer: 408
     header_seconds: float = Field(10.0, gt=0.0)  # a connection without complete request headers: closed (408)
     max_connections: int = Field(64, ge=1)  # open HTTP connections; more are answered 503 at once
+    # issue 14: `POST /v1/query` with {"url": ...}: off unless enabled; only http(s) hosts on the allowlist
+    url_queries: bool = False
+    url_allowlist: str = ""  # comma-separated host names; "*.example.com" matches subdomains
+    url_allow_private: bool = False  # loopback, private, link-local and reserved addresses (tests, intranets)
+    url_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    url_timeout_seconds: float = Field(10.0, gt=0.0)
 
     @field_validator("index_factory")
     @classmethod
@@ -100,11 +109,6 @@ class Settings(BaseSettings):
         except ImportError:  # pragma: no cover - search-only installs
             return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def resolved_dtype(self) -> str:
-        if self.dtype is not None:
-            return self.dtype
-        return "bf16" if self.resolved_device() == "cuda" else "fp32"
 
     def resolved_workers(self) -> int:
         if self.workers is not None:

@@ -2,39 +2,34 @@
 
 from __future__ import annotations
 
-import faiss
-import numpy as np
-
 from search.answers import Stats
+from search.ondisk import exact_knn, sample_vectors
+from search.query import DEFAULT_NEAR_DUPLICATE_LIMIT
 from search.settings import Settings
 from search.store import Store
 from search.vectors import IndexFiles, set_search_params
 
+ANSWER_FETCH = DEFAULT_NEAR_DUPLICATE_LIMIT + 1  # what an indexed image's answer asks the index for
+
 
 def recall_at_k(store: Store, files: IndexFiles, settings: Settings, sample: int, k: int = 10) -> float | None:
-    """Recall@k of the stored approximate index against exact inner-product search, on a sample of stored vectors."""
+    """Recall@k of the stored approximate index against exact inner-product search, on a sample of stored vectors
+    (each query finds itself in both). Memory stays bounded: the queries are sampled and the exact search streams the
+    vectors from SQLite chunk by chunk (its time grows with the store: `--recall-sample 0` skips it)."""
     if sample <= 0:  # before loading: the index file can be large
         return None
     snap = files.load("all")
     if snap is None or snap.manifest.get("factory", "Flat") == "Flat" or snap.index.ntotal == 0:
         return None
     set_search_params(snap.index, settings)
-    all_ids, all_vecs = [], []
-    for ids, vecs in store.iter_vectors(0, int(snap.manifest.get("watermark", 0))):
-        all_ids.append(ids)
-        all_vecs.append(vecs)
-    ids = np.concatenate(all_ids)
-    x = np.concatenate(all_vecs)
-    rng = np.random.default_rng(0)
-    q = x[rng.choice(len(x), min(sample, len(x)), replace=False)]
-    kk = min(k, len(x))
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    _, truth = exact.search(q, kk)
-    _, got = snap.index.search(q, kk)
-    truth_ids = ids[truth]
-    hits = sum(len(set(t.tolist()) & set(g.tolist())) for t, g in zip(truth_ids, got, strict=True))
-    return hits / (len(q) * kk)
+    watermark = int(snap.manifest.get("watermark", 0))
+    q = sample_vectors(store, watermark, sample, seed=0)
+    kk = min(k, int(snap.index.ntotal))
+    _, truth = exact_knn(store, q, kk, watermark)
+    fetch = min(ANSWER_FETCH, int(snap.index.ntotal))  # as answers ask: their top 100 (+ the image), cut to k
+    got = [snap.search(q[i : i + 1], fetch)[1][0][:kk] for i in range(len(q))]
+    hits = sum(len(set(t[t >= 0].tolist()) & set(g.tolist())) for t, g in zip(truth, got, strict=True))
+    return hits / max(1, int((truth >= 0).sum()))
 
 
 def store_stats(store: Store, settings: Settings, *, recall_sample: int = 200) -> Stats:
@@ -54,6 +49,7 @@ def store_stats(store: Store, settings: Settings, *, recall_sample: int = 200) -
         indexes=files.freshness() if ident else {},
         recall_at_10=recall_at_k(store, files, settings, recall_sample) if ident else None,
         runs=store.recent_runs(5),
+        vectors_by_backend=store.vectors_by_engine(),
         known_unsafe_rule={
             "model": f"{settings.nsfw_level} >= {settings.nsfw_threshold}",
             "hash_list_max_distance": settings.pdq_max_distance,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Exported graphs (indexer/backends) go to a cache of this test session, never the user's ~/.cache; the CLI and server
+# subprocesses of the tests inherit it, so each checkpoint is exported once per session.
+os.environ.setdefault("NSFW_INDEX_CACHE_DIR", tempfile.mkdtemp(prefix="nsfw-index-test-cache-"))
 
 ARCH = "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k"
 # The real architecture name, shrunk through config.json's `model_args` (honoured by transformers and by us).

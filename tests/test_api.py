@@ -168,6 +168,8 @@ def test_query_single_image_equals_analyze_and_query_answer(shared, extractor):
     assert body["model"] == {
         "architecture": extractor.identity.architecture,
         "weights_sha256": extractor.identity.weights_sha256,
+        "backend": extractor.describe()["backend"],  # the server's forward pass: the same engine as `extractor`
+        "dtype": extractor.describe()["dtype"],
     }
     assert set(body["timings"]) == {"queue_ms", "inference_ms", "batch_images", "search_ms", "total_ms"}
     assert body["index"]["ready"] and body["index"]["images"] == len(CORPUS_SEEDS)
@@ -437,7 +439,8 @@ def test_hash_list_upload_reports_bad_lines_and_matches(own):
     got = client.post("/v1/query", params={"source": "hash_list"}, files={"file": ("q.png", repng(photo(6)))}).json()[
         "results"
     ][0]
-    assert {"source": "hash_list", "list": "test-list", "hash": pdq_hash, "distance": 0} in got["pdq"]["matches"]
+    listed = [m for m in got["pdq"]["matches"] if m["source"] == "hash_list" and m["list"] == "test-list"]
+    assert any(m["hash"] == pdq_hash and m["distance"] == 0 and m["transform"] == "original" for m in listed), listed
     assert got["nearest_unsafe"][0]["id"] == image_id and "hash_list" in got["nearest_unsafe"][0]["sources"]
     assert_error(client.post("/v1/hash-lists", headers=auth("write"), files={"file": ("l.txt", listing)}), 422)
     err = assert_error(
@@ -569,7 +572,8 @@ def test_bad_images_get_400_413_415_never_500(tmp_path, checkpoint, corpus, extr
         ok, bad = mixed.json()["results"]
         assert ok["nsfw"]["level"] and bad["status"] == 415 and bad["error"]["code"] == "unsupported_format"
         # request shape
-        assert_error(client.post("/v1/query", json={"file": "x"}), 415, "unsupported_media_type")
+        assert_error(client.post("/v1/query", content=b"x", headers={"Content-Type": "text/plain"}), 415)
+        assert_error(client.post("/v1/query", json={"file": "x"}), 422, "invalid_request")  # JSON: the query forms
         assert_error(client.post("/v1/query", files={"other": ("a.png", good)}), 422, "invalid_request")
         assert_error(
             client.post(

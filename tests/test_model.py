@@ -66,7 +66,7 @@ def test_hooked_embedding_is_the_pre_logits_feature_of_the_same_pass(loaded) -> 
     torch.testing.assert_close(logits, plain)
     # the hook removes itself: another forward captures nothing
     assert not model.head._forward_pre_hooks
-    ex = Extractor(loaded, Settings(device="cpu"))
+    ex = Extractor(loaded, Settings(device="cpu", backend="torch", dtype="fp32"))
     res = ex.run(x)
     want = torch.nn.functional.normalize(ref, dim=1).numpy()
     np.testing.assert_allclose(np.stack([r.embedding for r in res]), want, atol=1e-5)
@@ -93,7 +93,7 @@ def test_scores_match_transformers_and_reference_formula(checkpoint: Path, tmp_p
     ref_scores = np.stack([probs[:, 0], probs[:, 1:].sum(1), probs[:, 2:].sum(1), probs[:, 3]], axis=1)
 
     loaded = load_model(str(checkpoint))
-    ex = Extractor(loaded, Settings(device="cpu", batch_size=2))
+    ex = Extractor(loaded, Settings(device="cpu", backend="torch", dtype="fp32", batch_size=2))
     from indexer.files import score_files
 
     out = list(score_files(files, ex.settings, ex))
@@ -120,8 +120,8 @@ def test_preprocessing_comes_from_the_checkpoint_config(loaded) -> None:
 
 def test_results_do_not_depend_on_batch_size(loaded) -> None:
     x = _batch(loaded, 5)
-    one = Extractor(loaded, Settings(device="cpu", batch_size=1)).run_tensors(list(x))
-    five = Extractor(loaded, Settings(device="cpu", batch_size=5)).run_tensors(list(x))
+    one = Extractor(loaded, Settings(device="cpu", backend="torch", dtype="fp32", batch_size=1)).run_tensors(list(x))
+    five = Extractor(loaded, Settings(device="cpu", backend="torch", dtype="fp32", batch_size=5)).run_tensors(list(x))
     for a, b in zip(one, five, strict=True):
         np.testing.assert_allclose(a.embedding, b.embedding, atol=1e-5)
         for k in a.probabilities:
@@ -130,8 +130,12 @@ def test_results_do_not_depend_on_batch_size(loaded) -> None:
 
 def test_threshold_and_level_settings_change_the_verdict(loaded) -> None:
     x = _batch(loaded, 4)
-    lax = Extractor(loaded, Settings(device="cpu", nsfw_level="low", nsfw_threshold=0.0)).run(x)
-    strict = Extractor(loaded, Settings(device="cpu", nsfw_level="high", nsfw_threshold=1.0)).run(x)
+    lax = Extractor(
+        loaded, Settings(device="cpu", backend="torch", dtype="fp32", nsfw_level="low", nsfw_threshold=0.0)
+    ).run(x)
+    strict = Extractor(
+        loaded, Settings(device="cpu", backend="torch", dtype="fp32", nsfw_level="high", nsfw_threshold=1.0)
+    ).run(x)
     assert all(r.is_nsfw for r in lax)
     assert not any(r.is_nsfw for r in strict if r.scores["high"] < 1.0)
 

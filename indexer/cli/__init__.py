@@ -9,7 +9,10 @@ from __future__ import annotations
 import click
 
 from indexer.cli.analysis import query, score
+from indexer.cli.forget import forget
+from indexer.cli.hashlists import hash_lists
 from indexer.cli.inspect import clusters, errors, neighbours, show
+from indexer.cli.probes import probes, train_probe
 from indexer.cli.review import cluster, import_hashes, label
 from indexer.cli.serve import serve
 from indexer.cli.store import export, index, rebuild, stats
@@ -32,8 +35,12 @@ def cli() -> None:
 
 for _command in (show, neighbours, errors, clusters):  # review from the terminal
     cli.add_command(_command)
+for _command in (train_probe, probes):  # issue 14: custom classifiers on the stored embeddings
+    cli.add_command(_command)
 for _command in (score, index, query, label, import_hashes, cluster, stats, export, rebuild, verify, serve):
     cli.add_command(_command)
+cli.add_command(hash_lists)  # issue 14: hash lists as banks
+cli.add_command(forget)  # issue 14: remove one image (its label events stay)
 
 
 def main() -> None:

@@ -58,9 +58,26 @@ def model_options(fn: F) -> F:
             "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available."
         ),
         click.option(
-            "--dtype", type=click.Choice(["fp32", "bf16"]), default=None, help="Default: fp32 on cpu, bf16 on cuda."
+            "--backend",
+            type=click.Choice(["auto", "torch", "onnxruntime", "openvino"]),
+            default=None,
+            help="Forward-pass runtime. auto (default): the fastest measured for the device and dtype (CPU: openvino, "
+            "then onnxruntime, then torch; CUDA: torch). Exports are built once and cached. Env NSFW_INDEX_BACKEND.",
         ),
-        click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["fp32", "bf16", "int8"]),
+            default=None,
+            help="Default: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere. int8: the "
+            "opt-in fast CPU mode (static int8 calibrated on shipped photographs). Env NSFW_INDEX_DTYPE.",
+        ),
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Where exported graphs are cached (default ~/.cache/nsfw-index). Env NSFW_INDEX_CACHE_DIR.",
+        ),
+        click.option("--threads", type=click.IntRange(1), default=None, help="Intra-op threads of the backend."),
         click.option(
             "--nsfw-level",
             type=click.Choice(["low", "medium", "high"]),

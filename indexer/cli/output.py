@@ -70,7 +70,10 @@ def print_query(
     click.echo(f"  pdq {pdq.hash} quality {pdq.quality}, {len(pdq.matches)} match(es)")
     for m in pdq.matches:
         what = f"list {m.list}" if m.source == "hash_list" else f"labelled id {m.id}"
-        click.echo(f"    pdq match: {what} distance {m.distance}")
+        turned = f" ({m.transform})" if m.transform != "original" else ""
+        click.echo(f"    pdq match: {what} distance {m.distance}{turned}")
+    for name, classes in ans.probes.items():
+        click.echo(f"  probe {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in classes.items()))
 
 
 def _paths_text(paths: Sequence[str], shown: int = 2) -> str:
@@ -112,6 +115,19 @@ def print_index_summary(
         err=True,
     )
     click.echo("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.timings.items()), err=True)
+    e = summary.engine
+    if e:
+        share = summary.model_share
+        click.echo(
+            f"model: {e.get('backend')} {e.get('dtype')} on {e.get('device')} ({e.get('runtime')})"
+            + (f", {share:.0%} of the indexing wall time" if share is not None else ""),
+            err=True,
+        )
+    if summary.startup:
+        click.echo(
+            "start-up seconds (once per run): " + ", ".join(f"{k} {v:.2f}" for k, v in summary.startup.items()),
+            err=True,
+        )
     shown = summary.error_samples[:10]
     for key, reason in shown:
         click.echo(f"  error: {key}: {reason}", err=True)
@@ -131,6 +147,9 @@ def print_stats(d: dict[str, Any]) -> None:
         "known-unsafe: " + ", ".join(f"{k} {v}" for k, v in d["known_unsafe"].items()),
         f"model: {d['model'].get('architecture')} weights sha256 {str(d['model'].get('weights_sha256'))[:16]}…",
     ]
+    for v in d.get("vectors_by_backend") or []:
+        made_by = f"{v['backend']} {v['dtype']} ({v['runtime']})" if v.get("backend") else "not recorded (older runs)"
+        lines.append(f"vectors: {v['images']} images by {made_by}")
     for name, info in d["indexes"].items():
         if not info.get("exists"):
             lines.append(f"index {name}: missing (run `nsfw-index rebuild`)")
@@ -218,7 +237,10 @@ def print_neighbours(ans: NeighboursAnswer, dup_paths: Mapping[int, list[str]]) 
     click.echo(f"  pdq {ans.pdq.hash} quality {ans.pdq.quality}, {len(ans.pdq.matches)} match(es)")
     for m in ans.pdq.matches:
         what = f"list {m.list}" if m.source == "hash_list" else f"labelled id {m.id}"
-        click.echo(f"    pdq match: {what} distance {m.distance}")
+        turned = f" ({m.transform})" if m.transform != "original" else ""
+        click.echo(f"    pdq match: {what} distance {m.distance}{turned}")
+    for name, classes in ans.probes.items():
+        click.echo(f"  probe {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in classes.items()))
 
 
 def print_errors(rows: Sequence[FileError], total: int, by_kind: Mapping[str, int]) -> None:

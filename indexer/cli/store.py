@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,9 @@ from indexer.cli.options import (
     verbose_option,
 )
 from indexer.cli.output import print_index_summary, print_stats, print_warnings
+
+if TYPE_CHECKING:
+    from indexer.ray_cluster import RayOptions
 
 
 @click.command()
@@ -56,6 +59,34 @@ from indexer.cli.output import print_index_summary, print_stats, print_warnings
     is_flag=True,
     help="Try files that failed before even when unchanged (by default they are skipped until they change).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on Ray Data: alone, a new local Ray instance; `auto` (the cluster `ray start` runs here), HOST:PORT or "
+    "ray://HOST:10001. Every node must see the inputs at the same paths. Needs pip install 'nsfw-index[ray]'.",
+)
+@click.option(
+    "--ray-workers",
+    type=click.IntRange(1),
+    default=None,
+    help="With --ray: inference actors (default: one per GPU share; on CPUs from 1 up to half the CPUs' worth).",
+)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(0),
+    default=None,
+    help="With --ray: GPUs per inference actor (1, or 0.5 to share one); default 0: CPU actors, --backend/--dtype.",
+)
+@click.option(
+    "--ray-shard-size",
+    type=click.IntRange(1),
+    default=None,
+    help="With --ray: new images per result shard (default 1024); a killed run resumes from its finished shards.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @verbose_option
 @json_option("Print the run summary as one JSON object.")
@@ -68,6 +99,10 @@ def index(
     index_factory: str | None,
     thumbnails: bool,
     retry_errors: bool,
+    ray_address: str | None,
+    ray_workers: int | None,
+    gpus_per_worker: float | None,
+    ray_shard_size: int | None,
     quiet: bool,
     verbose: bool,
     as_json: bool,
@@ -78,6 +113,7 @@ def index(
     \b
     Example:
       nsfw-index index ~/corpus @more.txt shard-0001.tar --store ./store
+      nsfw-index index /shared/corpus --store ./store --ray auto --gpus-per-worker 1
     Re-runs are incremental (unchanged files are skipped, content is keyed by sha256) and resumable after a crash;
     files that failed are remembered too and tried again once they change (or with --retry-errors).
     Exit status 0 when every input is indexed (or unchanged), 1 when some files are in error (they are recorded
@@ -86,6 +122,7 @@ def index(
     settings = settings_from(**flags)
     store_dir = require_store(settings)
     preflight_model(settings)  # a missing model fails before torch is even imported
+    ray_options = _ray_options(ray_address, ray_workers, gpus_per_worker, ray_shard_size, flags.get("workers"))
     from indexer.capture import capture_warnings
     from indexer.service import index_inputs
     from indexer.summary import Progress
@@ -95,25 +132,67 @@ def index(
         capture_warnings() as captured,
         Store.writing(store_dir, "nsfw-index index", create=True) as store,
     ):
-        summary = index_inputs(
-            store,
-            list(inputs),
-            settings,
-            prune=prune,
-            rebuild=rebuild,
-            all_files=all_files,
-            index_factory=index_factory,
-            progress=Progress(not quiet, file=captured.stream),
-            thumbnails=thumbnails,
-            retry_errors=retry_errors,
-        )
+        run: dict[str, Any] = {
+            "prune": prune,
+            "rebuild": rebuild,
+            "all_files": all_files,
+            "index_factory": index_factory,
+            "progress": Progress(not quiet, file=captured.stream),
+            "thumbnails": thumbnails,
+            "retry_errors": retry_errors,
+        }
+        ray_report = None
+        if ray_options is None:
+            summary = index_inputs(store, list(inputs), settings, **run)
+        else:
+            from indexer.ray_index import index_inputs_ray
+
+            summary, ray_report = index_inputs_ray(store, list(inputs), settings, ray_options, **run)
     summary.warnings = captured.lines
     if as_json:
-        emit({"run_id": summary.run_id, **summary.counts(), "warnings": captured.count, "timings": summary.timings})
+        emit(
+            {
+                "run_id": summary.run_id,
+                **summary.counts(),
+                "warnings": captured.count,
+                "timings": summary.timings,
+                "startup": summary.startup,
+                "model_share": summary.model_share,
+                "engine": summary.engine,
+                **({"ray": ray_report.to_json()} if ray_report is not None else {}),
+            }
+        )
     elif not quiet:
         print_index_summary(summary, pruned=prune, store=store_dir, warnings=captured.count, verbose=verbose)
+        if ray_report is not None:
+            r = ray_report
+            click.echo(
+                f"ray ({r.address}): {r.nodes} node(s), {r.cpus:g} CPUs, {r.gpus:g} GPUs; inference workers "
+                f"{r.inference_workers or '-'}; {r.shards_written} shard(s) computed, {r.shards_reused} reused",
+                err=True,
+            )
+            for d in r.unfinished_runs:
+                click.echo(f"  unfinished Ray run kept for resuming: {d} (delete it if not needed)", err=True)
     if summary.failed:
         sys.exit(EXIT_FAILED_ITEMS)
+
+
+def _ray_options(
+    address: str | None, workers: int | None, gpus: float | None, shard_size: int | None, decoders: int | None
+) -> RayOptions | None:
+    """`--ray` and its flags -> RayOptions (checked, Ray importable), or None without --ray."""
+    if address is None:
+        if workers is not None or gpus is not None or shard_size is not None:
+            raise click.UsageError("--ray-workers, --gpus-per-worker and --ray-shard-size go with --ray")
+        return None
+    if decoders is not None:
+        raise click.UsageError("--workers sets local decode processes; with --ray, Ray tasks decode (one per free CPU)")
+    from indexer.ray_cluster import RayOptions, require_ray
+
+    options = RayOptions(address=address, workers=workers, gpus_per_worker=gpus or 0.0, shard_size=shard_size or 1024)
+    options.check()
+    require_ray()
+    return options
 
 
 @click.command()
@@ -149,14 +228,23 @@ def stats(store: Path | None, as_json: bool, recall_sample: int, nprobe: int | N
 @click.command()
 @store_option
 @click.option("--index-factory", default=None, help="Change the FAISS factory while rebuilding (e.g. HNSW32).")
+@click.option(
+    "--on-disk/--in-memory",
+    "on_disk",
+    default=None,
+    help="Keep the inverted lists of an IVF index in an .ivfdata file, memory-mapped by readers (100M+ images), or "
+    "back in memory (default: as the store has it).",
+)
 @verbose_option
 @handle_errors
-def rebuild(store: Path | None, index_factory: str | None, verbose: bool) -> None:
+def rebuild(store: Path | None, index_factory: str | None, on_disk: bool | None, verbose: bool) -> None:
     """Rebuild the FAISS index files from SQLite (the source of truth).
 
     \b
     Example:
       nsfw-index rebuild --store ./store --index-factory HNSW32
+      nsfw-index rebuild --store ./store --index-factory IVF65536_HNSW32,PQ64 --on-disk
+    A factory FAISS refuses, or one that fails to train, changes nothing: the old files keep serving.
     """
     import time
 
@@ -167,13 +255,14 @@ def rebuild(store: Path | None, index_factory: str | None, verbose: bool) -> Non
     settings = settings_from(store=store, index_factory=index_factory)
     with capture_warnings() as captured, Store.writing(require_store(settings), "nsfw-index rebuild") as handle:
         factory = index_factory or str(handle.get_info("index_factory", settings.index_factory))
+        placed = on_disk if on_disk is not None else bool(handle.get_info("index_on_disk", False))
         n = handle.count_images()
         captured.say(
-            f"rebuilding the FAISS indexes over {n} images ({factory}; training an approximate index "
-            "can take minutes) ..."
+            f"rebuilding the FAISS indexes over {n} images ({factory}{', lists on disk' if placed else ''}; "
+            "training an approximate index can take minutes) ..."
         )
         t0 = time.perf_counter()
-        counts = rebuild_indexes(handle, settings, index_factory=index_factory)
+        counts = rebuild_indexes(handle, settings, index_factory=index_factory, on_disk=on_disk)
         took = time.perf_counter() - t0
     click.echo(
         f"rebuilt in {took:.1f}s: {counts['all']} vectors in the index over all images, "
@@ -186,21 +275,41 @@ def rebuild(store: Path | None, index_factory: str | None, verbose: bool) -> Non
 @click.command()
 @store_option
 @click.option(
-    "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Parquet file to write."
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write: CSV when it ends in .csv, else Parquet (or say --format).",
 )
-@click.option("--no-embeddings", is_flag=True, help="Leave the embedding column out.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default=None, help="Overrides the extension.")
+@click.option(
+    "--columns",
+    multiple=True,
+    help="Comma-separated columns, in order (repeatable): id, sha256, paths, level, score_<level>, prob_<level>, "
+    "known_unsafe_sources, label, pdq, pdq_quality, width, height, probe.NAME.CLASS, embedding; groups: scores, "
+    "probabilities, probes, probe.NAME. Default: all but embedding, which Parquet adds.",
+)
+@click.option(
+    "--embeddings/--no-embeddings",
+    default=None,
+    help="Add or leave out the embedding column (default: in Parquet, not in CSV).",
+)
 @handle_errors
-def export(store: Path | None, out: Path, no_embeddings: bool) -> None:
-    """Export ids, sha256, paths, scores, level, known-unsafe sources and embeddings to Parquet.
+def export(store: Path | None, out: Path, fmt: str | None, columns: tuple[str, ...], embeddings: bool | None) -> None:
+    """Export ids, sha256, paths, scores, level, known-unsafe sources, labels, PDQ, probe outputs and embeddings to
+    Parquet or CSV (lists as JSON text in CSV cells; each probe class a column `probe.NAME.CLASS`).
 
     \b
     Example:
       nsfw-index export --store ./store --out corpus.parquet
+      nsfw-index export --store ./store --out flagged.csv --columns id,sha256,paths,score_medium,probes
+    An unknown column is refused with the list of valid ones, and nothing is written.
     """
-    from search.export import export_parquet
+    from search.export import export_store
     from search.store import Store
 
     settings = settings_from(store=store)
+    names = [c.strip() for spec in columns for c in spec.split(",") if c.strip()]
     with Store(require_store(settings), readonly=True) as handle:
-        n = export_parquet(handle, out, settings, embeddings=not no_embeddings)
+        n = export_store(handle, out, settings, fmt=fmt, columns=names or None, embeddings=embeddings)
     click.echo(f"wrote {n} images to {out}", err=True)

@@ -12,12 +12,13 @@ from search.policy import SOURCES
 from search.settings import LEVELS, Settings
 from search.store.clusters import ClusterTables
 from search.store.labels import LabelTables
+from search.store.probes import ProbeTables
 from search.store.runs import RunTables
 from search.store.schema import SCHEMA_VERSION
 from search.store.thumbnails import ThumbnailTables
 
 
-class Store(ThumbnailTables, ClusterTables, LabelTables, RunTables):
+class Store(ThumbnailTables, ClusterTables, LabelTables, RunTables, ProbeTables):
     """The SQLite side of a store. Cheap to open; one per thread (sqlite connections are not shared).
 
     `Store(root, create=False, readonly=False)` opens it; `Store.writing(root, purpose)` opens it writable and holds
@@ -78,4 +79,5 @@ class Store(ThumbnailTables, ClusterTables, LabelTables, RunTables):
             self.last_label_event(),
             int(self.db.execute("SELECT COUNT(*) FROM hash_matches").fetchone()[0]),
             int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM list_hashes").fetchone()[0]),
+            self.hash_list_version(),  # a deleted list (even one no image matched) changes the answers
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from search.store.base import StoreBase
@@ -16,15 +16,26 @@ _ERROR_COLUMNS = ("path", "reason", "kind", "run_id", "at", "size", "mtime_ns")
 class RunTables(StoreBase):
     """Mixin of `Store`: index runs (begun, finished, interrupted) and per-file errors."""
 
-    def begin_run(self, kind: str, args: dict[str, Any]) -> int:
+    def begin_run(self, kind: str, args: dict[str, Any], *, engine: Mapping[str, str] | None = None) -> int:
+        """A new run, `running`; `engine`: the backend, dtype and runtime writing its vectors (`Extractor.describe`)."""
+        e = engine or {}
         with self.db.conn:
             # a run left 'running' by a killed writer is marked, now that we hold the lock
             self.db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
             cur = self.db.execute(
-                "INSERT INTO runs (kind, started_at, status, args) VALUES (?, ?, 'running', ?)",
-                [kind, utcnow(), json.dumps(args, default=str)],
+                "INSERT INTO runs (kind, started_at, status, args, backend, dtype, runtime)"
+                " VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                [kind, utcnow(), json.dumps(args, default=str), e.get("backend"), e.get("dtype"), e.get("runtime")],
             )
         return int(cur.lastrowid or 0)
+
+    def vectors_by_engine(self) -> list[dict[str, Any]]:
+        """How many stored images each backend/dtype produced (NULLs: written before runs recorded it)."""
+        rows = self.db.execute(
+            "SELECT r.backend, r.dtype, r.runtime, COUNT(*) FROM images i LEFT JOIN runs r ON r.id = i.run_id"
+            " GROUP BY r.backend, r.dtype, r.runtime ORDER BY COUNT(*) DESC"
+        )
+        return [{"backend": b, "dtype": d, "runtime": rt, "images": int(n)} for b, d, rt, n in rows]
 
     def finish_run(self, run_id: int, status: str, counts: dict[str, Any], timings: dict[str, Any]) -> None:
         with self.db.conn:
@@ -34,12 +45,11 @@ class RunTables(StoreBase):
             )
 
     def recent_runs(self, limit: int = 5) -> list[dict[str, Any]]:
-        """id, status, started_at, finished_at of the latest runs, newest first."""
+        """id, kind, status, started_at, finished_at, backend, dtype of the latest runs, newest first."""
+        cols = ("id", "kind", "status", "started_at", "finished_at", "backend", "dtype")
         return [
-            dict(zip(("id", "status", "started_at", "finished_at"), r, strict=True))
-            for r in self.db.execute(
-                "SELECT id, status, started_at, finished_at FROM runs ORDER BY id DESC LIMIT ?", [int(limit)]
-            )
+            dict(zip(cols, r, strict=True))
+            for r in self.db.execute(f"SELECT {', '.join(cols)} FROM runs ORDER BY id DESC LIMIT ?", [int(limit)])
         ]
 
     def errors(self, limit: int | None = None, *, kinds: Sequence[str] = ()) -> list[dict[str, Any]]:
