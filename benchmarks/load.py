@@ -65,27 +65,17 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 @contextmanager
-def started_server(store: Path, model: str, device: str | None, env: dict[str, str]) -> Iterator[str]:
-    """`nsfw-index serve` in a subprocess on a free port of 127.0.0.1; yields its URL."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "indexer.cli",
-        "serve",
-        "--store",
-        str(store),
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ] + (["--device", device] if device else [])
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+def serving(args: list[str], env: dict[str, str], timeout: float = 600) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`nsfw-index serve ARGS --host 127.0.0.1 --port 0` in a subprocess (its access log discarded); yields its URL
+    and the process, stops it on exit."""
+    cmd = [sys.executable, "-m", "indexer.cli", "serve", *args, "--host", "127.0.0.1", "--port", "0"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
     try:
         assert proc.stderr is not None
         url = None
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
             if not line and proc.poll() is not None:
@@ -93,15 +83,23 @@ def started_server(store: Path, model: str, device: str | None, env: dict[str, s
             m = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
             url = m.group(1) if m else None
         if url is None:
-            raise SystemExit("the server did not start within 300 s")
+            raise SystemExit(f"the server did not start within {timeout:.0f} s")
         threading.Thread(target=proc.stderr.read, daemon=True).start()
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def started_server(store: Path, model: str, device: str | None, env: dict[str, str]) -> Iterator[str]:
+    """`nsfw-index serve` on `store` with `model`; yields its URL."""
+    with serving(["--store", str(store), "--model", model] + (["--device", device] if device else []), env) as (url, _):
+        yield url
 
 
 async def run_cell(

@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from load import percentile  # noqa: E402
+from load import percentile, serving  # noqa: E402
 
 MAX_N = 2_000_000
 #: recall@10 over 200 ids varies by about +-0.01 from one set of ids to another (1M, nprobe 24: 0.961 on the
@@ -143,31 +141,9 @@ def checkpoint_and_identity(work: Path) -> tuple[Path, dict[str, Any]]:
 
 @contextmanager
 def served(store: Path, ckpt: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """`nsfw-index serve` on a free port of 127.0.0.1 (its access log discarded); yields (URL, pid)."""
-    cmd = cli("serve", "--store", str(store), "--model", str(ckpt), "--device", "cpu", "--port", "0")
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=ROOT
-    )
-    try:
-        assert proc.stderr is not None
-        url, deadline = None, time.monotonic() + 600
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                raise SystemExit(f"the server exited with status {proc.returncode}")
-            m = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-            url = m.group(1) if m else None
-        if url is None:
-            raise SystemExit("the server did not start within 600 s")
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
+    """`nsfw-index serve` on a free port of 127.0.0.1 (benchmarks/load.py `serving`); yields (URL, pid)."""
+    with serving(["--store", str(store), "--model", str(ckpt), "--device", "cpu"], env) as (url, proc):
         yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def vm_rss_mb(pid: int) -> float | None:

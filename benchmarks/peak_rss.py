@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,7 @@ def main() -> None:
     ap.add_argument("--pairs", default=PAIRS)
     args = ap.parse_args()
     import httpx
+    from load import serving
     from photos import photographs
 
     OUT.mkdir(exist_ok=True)
@@ -79,29 +79,12 @@ def main() -> None:
             "index_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "index_wall_s": round(time.perf_counter() - t0, 1),
         }
-        srv = subprocess.Popen(
-            [exe, "serve", "--store", str(store), "--model", model, "--host", "127.0.0.1", "--port", "0", *flags],
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        try:
-            url = None
-            assert srv.stderr is not None
-            while url is None:
-                line = srv.stderr.readline()
-                if not line:
-                    raise SystemExit(f"serve {pair} exited")
-                m = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-                url = m.group(1) if m else None
-            with httpx.Client(base_url=url, timeout=120) as c:
-                data = Path(photos[0]).read_bytes()
-                for _ in range(5):
-                    c.post("/v1/query", files={"file": ("q.png", data, "image/png")}).raise_for_status()
+        serve_args = ["--store", str(store), "--model", model, *flags]
+        with serving(serve_args, env) as (url, srv), httpx.Client(base_url=url, timeout=120) as c:
+            data = Path(photos[0]).read_bytes()
+            for _ in range(5):
+                c.post("/v1/query", files={"file": ("q.png", data, "image/png")}).raise_for_status()
             row["server_peak_rss_mib"] = vm_hwm_mib(srv.pid)
-        finally:
-            srv.terminate()
-            srv.wait(30)
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {
