@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from search.durable import fsync_path
 from search.errors import InvalidArgument
 from search.store import Store
 
@@ -147,7 +148,7 @@ def _merge(trained: faiss.Index, lists: list[faiss.InvertedLists], target: Path)
     ivf.replace_invlists(out, True)
     out.this.disown()  # type: ignore[attr-defined]  # owned by the index now
     trained.ntotal = ivf.ntotal = ntotal
-    _fsync(target)
+    fsync_path(target)
     return trained
 
 
@@ -281,14 +282,6 @@ def list_ids(index: faiss.Index) -> np.ndarray:
 
 
 # -- the .ivfdata file -------------------------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_ivfdata(path: Path, m: dict[str, Any], *, full: bool) -> str | None:
     """What is wrong with the .ivfdata a manifest names (None: fine): its size, then its sha256, in full when `full`
     or the file is small, else over sampled blocks."""

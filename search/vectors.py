@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import faiss
 import numpy as np
 
 from search import ondisk
+from search.durable import atomic_write_bytes, fsync_dir
 from search.errors import IndexMismatch, IndexWriteFailed, InvalidArgument
 from search.settings import Settings
 from search.snapshot import Snapshot as Snapshot  # re-exported: the loaded index
@@ -32,31 +32,6 @@ METRIC = "inner_product"
 INDEX_NAMES = ("all", "unsafe")
 ON_DISK_KEY = "index_on_disk"  # store info: the index over all images keeps its inverted lists on disk
 LEFTOVERS = (".faiss", ".ivfdata", ".tmp")  # older generations, and temp files of killed writers
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 class IndexFiles:
@@ -198,7 +173,7 @@ class IndexFiles:
                 }
                 os.chmod(snap.pending, 0o600)  # as the other files (mkstemp)
                 os.replace(snap.pending, self.dir / lname)
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             data = faiss.serialize_index(snap.index).data  # a view: written and hashed without a bytes copy
             manifest = {
                 **self.expected(snap.name),

@@ -38,7 +38,7 @@ def _assert_previous_kept(store_dir: Path, before: dict[str, str]) -> None:
 
 
 def test_save_fails_with_a_patched_write(tmp_path: Path, settings_for, monkeypatch: pytest.MonkeyPatch):
-    import search.vectors as vectors
+    import search.durable as durable  # atomic_write_bytes: where the FAISS files are written
     from search.errors import IndexWriteFailed
     from search.store import Store
     from search.verify import verify_store
@@ -68,7 +68,7 @@ def test_save_fails_with_a_patched_write(tmp_path: Path, settings_for, monkeypat
             self.f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(vectors.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr(durable.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
     with pytest.raises(IndexWriteFailed, match="No space left"):
         index_dir(store_dir, [str(src)], settings)
     monkeypatch.undo()
