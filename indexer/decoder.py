@@ -58,10 +58,10 @@ def _init_worker(
     """Build the model's transform once per worker (from the data config: the model itself stays in the parent);
     first make sure the worker dies with its parent."""
     _die_with_parent(os.getppid() if parent is None else parent)
-    from timm.data import create_transform
+    from indexer.model import eval_transform
 
     torch.set_num_threads(1)  # workers are many; one thread each
-    _WORKER["transform"] = create_transform(**data_config, is_training=False)
+    _WORKER["transform"] = eval_transform(data_config)
     _WORKER["max_bytes"] = max_bytes
     _WORKER["max_pixels"] = max_pixels
     _WORKER["thumbnails"] = thumbnails

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from indexer.backends import Engine, build_engine
-from indexer.model import LoadedModel
+from indexer.model import LoadedModel, eval_transform
 from indexer.prepare import Prepared
 from search.answers import Levels, Nsfw
 from search.errors import InvalidArgument
@@ -90,9 +90,7 @@ class Extractor:
         self.backend = engine.backend
         self.identity: ModelIdentity = engine.identity
         self.data_config = engine.data_config
-        from timm.data import create_transform
-
-        self.transform = create_transform(**self.data_config, is_training=False)
+        self.transform = eval_transform(self.data_config)
         self.device = engine.choice.device
         self.dtype = engine.choice.dtype
         # images per forward pass: --batch-size when given; else 64 on CUDA (bf16 keeps a GPU busy only at large

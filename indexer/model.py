@@ -46,9 +46,15 @@ class LoadedModel:
     config: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json (keys the export cache)
 
     def transform(self) -> Any:
-        from timm.data import create_transform
+        return eval_transform(self.data_config)
 
-        return create_transform(**self.data_config, is_training=False)
+
+def eval_transform(data_config: dict[str, Any]) -> Any:
+    """The model's eval transform from its data config (timm `create_transform`): what every decoder, the extractor
+    and the int8 calibration apply, so that one preprocessing serves them all."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config, is_training=False)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -43,11 +43,9 @@ from indexer.ray_shards import (
     write_shard,
 )
 from indexer.ray_tasks import InferenceWorker, decode_batch, hash_batch, work_row
-from indexer.service import _require_writer
-from indexer.thumbnails import choose_thumbnails
+from indexer.service import start_index_run
 from indexer.writer import FLUSH_AT, PathRow, RunWriter
 from search.errors import InvalidArgument, NsfwIndexError
-from search.service import set_index_factory
 from search.settings import Settings
 from search.store import ImageRecord, Store
 
@@ -350,17 +348,18 @@ def index_inputs_ray(
 
     The driver holds the model only for its identity (the store's model check) and the engine a run records; the
     actors load it with the run's backend, dtype and device."""
-    _require_writer(store, "indexing")
     options.check()
     require_ray()
-    bar = progress if isinstance(progress, Progress) else Progress(progress)
-    if extractor is None:
-        bar.stage(f"loading model {settings.model} ...")
-    ex = extractor or _driver_extractor(settings, options)
-    if not rebuild:
-        store.check_model(ex.identity)
-    choose_thumbnails(store, thumbnails, rebuild=rebuild)
-    set_index_factory(store, index_factory, ex.identity.embedding_dim)
+    ex, bar = start_index_run(
+        store,
+        settings,
+        rebuild=rebuild,
+        thumbnails=thumbnails,
+        index_factory=index_factory,
+        progress=progress,
+        extractor=extractor,
+        load=lambda s: _driver_extractor(s, options),
+    )
     indexer = RayIndexer(store, ex, settings, options, progress=bar, all_files=all_files, retry_errors=retry_errors)
     args = {"inputs": list(inputs), "prune": prune, "rebuild": rebuild, "model": settings.model}
     summary = indexer.run(list(inputs), prune=prune, rebuild=rebuild, args={**args, "ray": options.address})

@@ -84,14 +84,13 @@ def hash_batch(batch: Batch, *, max_bytes: int, name_node: bool = False) -> Batc
 def _pool(data_config: dict[str, Any], max_bytes: int, max_pixels: int, thumbnails: bool) -> DecoderPool:
     key = json.dumps([data_config, max_bytes, max_pixels, thumbnails], sort_keys=True, default=str)
     if key not in _POOLS:
-        from timm.data import create_transform
-
         from indexer.decoder import DecoderPool
+        from indexer.model import eval_transform
 
         _POOLS[key] = DecoderPool(
             workers=1,
             data_config=data_config,
-            transform=create_transform(**data_config, is_training=False),
+            transform=eval_transform(data_config),
             max_bytes=max_bytes,
             max_pixels=max_pixels,
             thumbnails=thumbnails,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from indexer.analyze import Analysis
 from indexer.extractor import Extractor
@@ -21,6 +21,31 @@ def _require_writer(store: Store, what: str) -> None:
             f"{what} needs the store opened for writing with its writer lock: "
             f"use Store.writing({str(store.root)!r}, ...)"
         )
+
+
+def start_index_run(
+    store: Store,
+    settings: Settings,
+    *,
+    rebuild: bool,
+    thumbnails: bool,
+    index_factory: str | None,
+    progress: bool | Progress,
+    extractor: Extractor | None,
+    load: Callable[[Settings], Extractor] = Extractor.from_settings,
+) -> tuple[Extractor, Progress]:
+    """What every index run (local or on Ray) does before any work: the writer lock, the model (`extractor`, else
+    `load(settings)`), the store's model check (unless rebuilding), the thumbnail choice and the index factory."""
+    _require_writer(store, "indexing")
+    bar = progress if isinstance(progress, Progress) else Progress(progress)
+    if extractor is None:
+        bar.stage(f"loading model {settings.model} ...")
+    ex = extractor or load(settings)
+    if not rebuild:
+        store.check_model(ex.identity)  # refuse before any work
+    choose_thumbnails(store, thumbnails, rebuild=rebuild)
+    set_index_factory(store, index_factory, ex.identity.embedding_dim)
+    return ex, bar
 
 
 def index_inputs(
@@ -42,15 +67,15 @@ def index_inputs(
     `thumbnails` makes a new store keep thumbnails (`indexer.thumbnails.choose_thumbnails`); later runs follow it.
     `progress`: a terminal progress bar (True, or a `Progress` writing elsewhere); `retry_errors`: try files that
     failed before even when unchanged (by default they are skipped and counted as `unchanged_errors`)."""
-    _require_writer(store, "indexing")
-    bar = progress if isinstance(progress, Progress) else Progress(progress)
-    if extractor is None:
-        bar.stage(f"loading model {settings.model} ...")
-    ex = extractor or Extractor.from_settings(settings)
-    if not rebuild:
-        store.check_model(ex.identity)  # refuse before any work
-    choose_thumbnails(store, thumbnails, rebuild=rebuild)
-    set_index_factory(store, index_factory, ex.identity.embedding_dim)
+    ex, bar = start_index_run(
+        store,
+        settings,
+        rebuild=rebuild,
+        thumbnails=thumbnails,
+        index_factory=index_factory,
+        progress=progress,
+        extractor=extractor,
+    )
     return Indexer(store, ex, settings, progress=bar, all_files=all_files, retry_errors=retry_errors).run(
         list(inputs),
         prune=prune,

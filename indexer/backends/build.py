@@ -24,7 +24,7 @@ from indexer.backends.export import (
     quantize_openvino,
 )
 from indexer.backends.runtimes import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend
-from indexer.model import LoadedModel, load_model, resolve_checkpoint, sha256_file
+from indexer.model import LoadedModel, eval_transform, load_model, resolve_checkpoint, sha256_file
 from search.policy import ModelIdentity
 from search.settings import Settings
 
@@ -120,10 +120,9 @@ def build_engine(
 
     path = onnx_dir / ONNX_FILE
     if choice.dtype == "int8":
-        from timm.data import create_transform
 
         def build_int8(tmp: Path) -> dict[str, Any]:
-            batches = calibration_batches(create_transform(**data_config, is_training=False))
+            batches = calibration_batches(eval_transform(data_config))
             quantize = quantize_openvino if choice.backend == "openvino" else quantize_onnxruntime
             info = quantize(onnx_dir / ONNX_FILE, tmp, batches)
             return {**info, "calibration_images": len(batches), "source_export": onnx_artifact()}
